@@ -1,0 +1,67 @@
+"""The `scaling` command line: thin argparse front-ends over library functions (no logic lives here).
+
+    scaling estimate-memory --preset large --zero 3 --gpus 8 --precision bf16 --batch 8
+    scaling convert biomedgpt_base.pt out/biomedgpt-base --bpe-dir ofa_bpe
+    scaling export runs/instruct
+    scaling infer --checkpoint runs/instruct/export --image scan.jpg --question "is there a lesion?"
+    scaling report runs/base/report.json runs/large/report.json --out compare/
+    scaling data inspect vqa_rad --path data/vqa_rad
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_estimate_memory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate-memory", help="per-GPU memory of a preset under a ZeRO stage, precision and PEFT")
+    p.set_defaults(func=lambda args: _missing("estimate-memory"))
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a fairseq or OFA-HF BiomedGPT checkpoint into a save_pretrained dir")
+    p.set_defaults(func=lambda args: _missing("convert"))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="consolidate a run's checkpoint (any ZeRO stage, PEFT merge) into a model dir")
+    p.set_defaults(func=lambda args: _missing("export"))
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="answer one question about one image (or a text-only task) with a checkpoint")
+    p.set_defaults(func=lambda args: _missing("infer"))
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="merge several report.json files into one comparison report")
+    p.set_defaults(func=lambda args: _missing("report"))
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="inspect a dataset in its native format, or convert it to TSV / instructions")
+    p.set_defaults(func=lambda args: _missing("data"))
+
+
+def _missing(name: str) -> int:
+    print(f"scaling {name}: not available in this build", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaling", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_estimate_memory, _add_convert, _add_export, _add_infer, _add_report, _add_data):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""Typed run configuration: one dataclass per concern, YAML files, dotted `key=value` overrides, validation.
+
+    cfg = load_config("recipes/configs/biomedgpt/tiny_instruct.yaml", ["train.lr=1e-5", "peft.decoder=lora"])
+    cfg.validate()            # raises ConfigError listing every problem at once
+    save_config(cfg, run_dir) # writes run_dir/config.yaml, the resolved config
+
+Every field has exactly one default (here) and a docstring (the string right below it). Unknown keys are errors with
+a "did you mean" suggestion; values are checked against the field's type before any work starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, all listed in the message."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} configuration problem(s){where}:\n{lines}")
+
+
+@dataclass
+class SourceArgs:
+    """One dataset in the run: a registered loader, where its files are, which split, its mixture weight."""
+
+    name: str = "synthetic"
+    """Loader name from `scaling.data.sources.SOURCES` (e.g. vqa_rad, slake, pathvqa, pubmedqa, biomedgpt_tsv)."""
+    path: str | None = None
+    """Directory or file of the dataset in its native release format (None: the embedded synthetic data)."""
+    split: str = "train"
+    """Split to read: train, validation or test."""
+    weight: float = 1.0
+    """Relative sampling weight in the multi-task mixture."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Loader-specific options, e.g. {q_lang: en} for SLAKE or {task: vqa} for BiomedGPT TSV files."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.weight <= 0:
+            out.append(f"data source {self.name!r}: weight must be > 0, got {self.weight}")
+        if self.split not in ("train", "validation", "test"):
+            out.append(f"data source {self.name!r}: split must be train, validation or test, got {self.split!r}")
+        return out
+
+
+@dataclass
+class ModelArgs:
+    """Which model to build or load."""
+
+    preset: str = "mini"
+    """Size preset (test, mini, tiny, medium, base, large, xlarge) used when no checkpoint is given."""
+    checkpoint: str | None = None
+    """Directory written by save_pretrained / `scaling convert` / `scaling export`; overrides the preset."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the checkpoint directory, or a BPE trained on the data when neither is set."""
+    image_size: int | None = None
+    """Input resolution in pixels (None: the preset's)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: sdpa (fused, carries the additive position bias) or eager (reference path)."""
+    dropout: float | None = None
+    """Residual/attention dropout (None: the preset's)."""
+    drop_path_rate: float | None = None
+    """Stochastic-depth rate of the last layer, rising linearly from 0 (None: the preset's; BiomedGPT used 0.1)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra BiomedGPTConfig fields applied on top of the preset, e.g. {encoder_layers: 2}."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.image_size is not None and (self.image_size < 16 or self.image_size % 16):
+            out.append(f"model.image_size must be a positive multiple of 16 (ResNet stride), got {self.image_size}")
+        for name in ("dropout", "drop_path_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                out.append(f"model.{name} must be in [0, 1), got {value}")
+        return out
+
+
+@dataclass
+class DataArgs:
+    """What the model reads and how it is batched."""
+
+    sources: list[SourceArgs] = field(default_factory=list)
+    """Training sources; empty means the embedded synthetic dataset."""
+    eval_sources: list[SourceArgs] = field(default_factory=list)
+    """Evaluation sources; empty means the held-out split of the training sources."""
+    synthetic_images: int = 1200
+    """Number of images the embedded synthetic generator draws (train + held-out)."""
+    instruction: bool = False
+    """Wrap samples in instruction templates (MILE-style closed/open templates with options)."""
+    temperature: float = 1.0
+    """Mixture temperature: p_i ∝ (w_i n_i)^(1/T); 1 samples proportionally to size, large T flattens."""
+    max_src_len: int = 128
+    """Maximum encoder text tokens (longer prompts are truncated and counted)."""
+    max_tgt_len: int = 32
+    """Maximum target tokens."""
+    prompt_type: Literal["none", "prev_output"] = "none"
+    """prev_output: the decoder is prefixed with the prompt (BiomedGPT VQA); loss only on the answer."""
+    on_bad_record: Literal["skip", "error"] = "skip"
+    """skip: drop bad records and report counts; error: stop at the first one, naming file, record and field."""
+    num_workers: int = 2
+    """DataLoader worker processes (0 loads in the training process)."""
+    cache_dir: str = ".cache/scaling"
+    """Where generated data and dataset caches live."""
+
+    def problems(self) -> list[str]:
+        out = [p for s in self.sources + self.eval_sources for p in s.problems()]
+        if self.temperature <= 0:
+            out.append(f"data.temperature must be > 0, got {self.temperature}")
+        if self.max_src_len < 4 or self.max_tgt_len < 2:
+            out.append("data.max_src_len must be >= 4 and data.max_tgt_len >= 2")
+        if self.num_workers < 0:
+            out.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.synthetic_images < 10:
+            out.append(f"data.synthetic_images must be >= 10, got {self.synthetic_images}")
+        return out
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation, precision, checkpointing."""
+
+    output_dir: str = "runs/instruct"
+    """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
+    seed: int = 42
+    """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
+    max_steps: int = 600
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Micro-batch size per process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size × processes × this)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, norms and embeddings-bias tables)."""
+    warmup_ratio: float = 0.05
+    """Fraction of max_steps spent in linear warm-up."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (BiomedGPT used 0.1)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype; fp16 needs CUDA. Set it here or with `accelerate launch --mixed_precision`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    freeze_embeddings: bool = False
+    """Freeze the shared token embeddings (BiomedGPT fine-tuning did)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (e.g. 0.9999); 0 disables."""
+    save_every: int = 200
+    """Save a resumable checkpoint every this many optimizer steps (and at the end)."""
+    keep_last: int = 2
+    """How many step checkpoints to keep."""
+    resume: str | None = None
+    """'auto' resumes from the newest complete checkpoint in output_dir, or give a checkpoint path."""
+    log_every: int = 10
+    """Log metrics every this many optimizer steps."""
+    max_nonfinite_steps: int = 5
+    """A non-finite loss skips the step; this many in a row stop the run."""
+    compile: bool = False
+    """Wrap the model with torch.compile."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_every", "keep_last",
+                     "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            out.append(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            out.append(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            out.append(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_grad_norm < 0:
+            out.append(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        return out
+
+
+PeftMethod = Literal["freeze", "full", "lora", "dora", "ia3", "prefix", "ptv2"]
+
+
+@dataclass
+class PeftArgs:
+    """Per-component policy (MILE's ViT / JTM / Dec columns): vision = ResNet + image projection, encoder, decoder."""
+
+    vision: PeftMethod = "full"
+    """Vision component: freeze, full, lora, dora or ia3 (prefix/ptv2 have no meaning for the ResNet)."""
+    encoder: PeftMethod = "full"
+    """Text-image encoder: freeze, full, lora, dora, ia3, prefix or ptv2."""
+    decoder: PeftMethod = "full"
+    """Decoder: freeze, full, lora, dora, ia3, prefix or ptv2."""
+    r: int = 8
+    """LoRA/DoRA rank (MILE used 4 and 8)."""
+    alpha: int = 32
+    """LoRA/DoRA alpha."""
+    dropout: float = 0.1
+    """LoRA/DoRA dropout."""
+    num_virtual_tokens: int = 10
+    """Prefix / P-tuning v2 length."""
+    prefix_projection: bool = True
+    """Prefix tuning reparameterises the prefix through an MLP; P-tuning v2 (ptv2) never does."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """QLoRA: load frozen base linears in 4-bit NF4 or 8-bit through bitsandbytes, adapters on top."""
+
+    @property
+    def enabled(self) -> bool:
+        return any(m not in ("full",) for m in (self.vision, self.encoder, self.decoder)) or self.quantize != "none"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.vision in ("prefix", "ptv2"):
+            out.append(f"peft.vision={self.vision}: prefix methods apply to attention layers; use freeze, full, lora, "
+                       "dora or ia3 for the vision component")
+        if self.r < 1 or self.alpha < 1:
+            out.append("peft.r and peft.alpha must be >= 1")
+        if not 0 <= self.dropout < 1:
+            out.append(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_virtual_tokens < 1:
+            out.append(f"peft.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.quantize != "none":
+            full = [c for c in ("vision", "encoder", "decoder") if getattr(self, c) == "full"]
+            if full:
+                out.append(f"peft.quantize={self.quantize} freezes the base weights, but {', '.join(full)} "
+                           "is set to full; use lora/dora/ia3/freeze there (QLoRA + full is refused)")
+        return out
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation and reports."""
+
+    mode: Literal["generate", "constrained", "score"] = "generate"
+    """generate: free decoding; constrained: decoding limited to a candidate trie; score: rank every candidate."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint directories to evaluate side by side (empty: the run's own export)."""
+    batch_size: int = 32
+    """Samples per generation batch."""
+    beam: int = 1
+    """Beam size (1 = greedy)."""
+    max_new_tokens: int = 16
+    """Maximum generated tokens."""
+    length_penalty: float = 1.0
+    """Beam length penalty."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size (0 disables)."""
+    max_samples: int | None = None
+    """Evaluate at most this many samples per source (None: all)."""
+    score_chunk: int = 64
+    """Candidates scored per forward pass in score mode."""
+    report_samples: int = 24
+    """Samples shown in the report's table."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("batch_size", "beam", "max_new_tokens", "score_chunk"):
+            if getattr(self, name) < 1:
+                out.append(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0:
+            out.append(f"eval.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            out.append(f"eval.max_samples must be >= 1 or null, got {self.max_samples}")
+        return out
+
+
+@dataclass
+class LoggingArgs:
+    """Console, log files and trackers."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Console and log-file level."""
+    progress: bool = True
+    """Show rich progress bars on rank 0."""
+    tensorboard: bool = False
+    """Also log to tensorboard through accelerate's trackers (needs the tensorboard package)."""
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class Runtime:
+    """What the launch environment provides; checked against the config before any work."""
+
+    cuda: bool = False
+    zero_stage: int = 0
+    offload: bool = False
+    num_processes: int = 1
+
+    @classmethod
+    def from_env(cls) -> Runtime:
+        """Read the environment `accelerate launch` sets up (no process group is created)."""
+        import torch
+
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        offload_vars = ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+        return cls(
+            cuda=torch.cuda.is_available(),
+            zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if deepspeed else 0,
+            offload=any(os.environ.get(v, "none") not in ("none", "") for v in offload_vars),
+            num_processes=int(os.environ.get("WORLD_SIZE", "1")),
+        )
+
+
+@dataclass
+class Config:
+    """The whole run: one section per concern."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+    def problems(self, runtime: Runtime | None = None) -> list[str]:
+        """Every problem of every section plus the cross-section and launch-environment checks."""
+        out = [p for section in SECTIONS for p in getattr(self, section).problems()]
+        prefix = [c for c in ("encoder", "decoder") if getattr(self.peft, c) in ("prefix", "ptv2")]
+        if prefix and self.train.gradient_checkpointing:
+            out.append(f"peft prefix/ptv2 on {', '.join(prefix)} cannot be combined with "
+                       "train.gradient_checkpointing (recomputation would drop the prefix cache); disable one")
+        if runtime is not None:
+            out += _runtime_problems(self, runtime)
+        return out
+
+    def validate(self, runtime: Runtime | None = None, source: str | None = None) -> Config:
+        """Raise ConfigError with every problem at once; return self when valid."""
+        problems = self.problems(runtime)
+        if problems:
+            raise ConfigError(problems, source)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "train", "peft", "eval", "logging")
+
+QLORA_ZERO_STAGES = (0, 1, 2)
+"""bitsandbytes quantised weights cannot be partitioned by ZeRO-3 here (its shards lose the quantisation state)."""
+
+
+def _runtime_problems(cfg: Config, rt: Runtime) -> list[str]:
+    out = []
+    if cfg.train.mixed_precision == "fp16" and not rt.cuda:
+        out.append("train.mixed_precision=fp16 needs CUDA (fp16 autocast on CPU is slow and numerically unsafe); "
+                   "use bf16 on CPU")
+    if rt.offload and rt.zero_stage == 0:
+        out.append("CPU offload is a DeepSpeed ZeRO feature: pick zero2/zero3 offload configs, not plain DDP")
+    if cfg.peft.quantize != "none" and rt.zero_stage not in QLORA_ZERO_STAGES:
+        out.append(f"peft.quantize={cfg.peft.quantize} combines with DDP and ZeRO-1/2 only, not ZeRO-{rt.zero_stage}: "
+                   "use accelerate_configs/zero2.yaml or no DeepSpeed")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides → typed dataclasses
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from a YAML file (optional) and dotted `key=value` overrides; type and key errors all at once."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"], source)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path} is not valid YAML: {err}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path} must hold a mapping of sections, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        problems.append(f"override {item!r} is not of the form section.key=value")
+        return
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"override {item!r}: {part} is not a section")
+            return
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from a mapping, collecting unknown-key and type problems."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where or 'config'} must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            problems.append(f"unknown key {dotted!r}{_suggest(str(key), names, where)}")
+            continue
+        ok, coerced = _coerce(value, hints[key], dotted, problems)
+        if ok:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {(where + '.' if where else '') + close[0]!r}?"
+    return f"; valid keys: {', '.join(names)}"
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> tuple[bool, Any]:
+    """Check `value` against type `hint`; return (ok, value converted where lossless)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems) if len(inner) == 1 else (True, value)
+    if origin is Literal:
+        if value in args:
+            return True, value
+        problems.append(f"{where} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return False, None
+    if dataclasses.is_dataclass(hint):
+        return True, _build(hint, value, where, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where} must be a list, got {type(value).__name__} {value!r}")
+            return False, None
+        items = [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return True, value
+        problems.append(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return False, None
+    if hint is Any:
+        return True, value
+    return _coerce_scalar(value, hint, where, problems)
+
+
+def _coerce_scalar(value: Any, hint: type, where: str, problems: list[str]) -> tuple[bool, Any]:
+    if hint is bool:
+        if isinstance(value, bool):
+            return True, value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return True, value
+    problems.append(f"{where} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return False, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and describing
+
+
+def save_config(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config next to the run's outputs (rank 0 only; callers check)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, for help texts."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
