@@ -1,0 +1,1 @@
+"""Data: native dataset sources → uniform records → task prompts/targets → batches."""
