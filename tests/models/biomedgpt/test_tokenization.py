@@ -1,0 +1,192 @@
+"""Tokenizer parity with the fairseq encoding path, special-token ids, save/load round trips, trained tokenizer."""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import regex
+
+from scaling.models.biomedgpt.tokenization import (
+    build_ofa_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe_tokenizer,
+)
+
+BPE_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "ofa_bpe"
+needs_bpe = pytest.mark.skipif(
+    not (BPE_DIR / "dict.txt").is_file(), reason=f"OFA BPE files (encoder.json, vocab.bpe, dict.txt) absent at {BPE_DIR}"
+)
+
+SENTENCES = [
+    " what does the image describe?",
+    " is there evidence of an aortic aneurysm?",
+    ' can text1 " the patient denies chest pain " imply text2 " no angina "?',
+    " Ångström, café, naïve — 肺炎 and a 😀 emoji",
+    " (a) [b] {c}: 'quoted' \"double\"... !!! ?!",
+    " 12.5 mm, 3/4 of 1,000,000 and 2024-01-31",
+    "  two   spaces\nnew line\ttab  ",
+    " it's they're we'll I'd you've",
+    "no leading space",
+]
+
+
+# --- independent reference: GPT-2 byte-level BPE (as fairseq's gpt2_bpe_utils) -> dict.txt line -> 4 + line ---
+
+GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + shift)
+            shift += 1
+    return chars
+
+
+@lru_cache(maxsize=1)
+def reference_tables() -> tuple[dict[str, int], dict[tuple[str, str], int], dict[int, int]]:
+    """encoder.json, merge ranks from vocab.bpe, and GPT-2 id -> fairseq id from dict.txt."""
+    encoder = json.loads((BPE_DIR / "encoder.json").read_text(encoding="utf-8"))
+    merges = (BPE_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:-1]
+    ranks = {tuple(m.split()): rank for rank, m in enumerate(merges)}
+    dict_lines = (BPE_DIR / "dict.txt").read_text(encoding="utf-8").splitlines()
+    fairseq_id = {int(line.split()[0]): 4 + n for n, line in enumerate(dict_lines) if line.split()[0].isdigit()}
+    return encoder, ranks, fairseq_id
+
+
+def reference_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Greedy lowest-rank pair merging on one pre-token."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts[:-1], parts[1:], strict=True))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        first, second = parts[i], parts[i + 1]
+        merged, j = [], 0
+        while j < len(parts):
+            if j < len(parts) - 1 and parts[j] == first and parts[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(parts[j])
+                j += 1
+        parts = merged
+    return parts
+
+
+def reference_fairseq_ids(text: str) -> list[int]:
+    """Encode text the fairseq/OFA way: GPT-2 BPE ids as strings, looked up in dict.txt (offset 4)."""
+    encoder, ranks, fairseq_id = reference_tables()
+    to_unicode = byte_to_unicode()
+    ids = []
+    for piece in GPT2_PATTERN.findall(text):
+        word = "".join(to_unicode[b] for b in piece.encode("utf-8"))
+        ids += [fairseq_id[encoder[token]] for token in reference_bpe(word, ranks)]
+    return ids
+
+
+# --- tests ---
+
+
+@pytest.fixture(scope="module")
+def ofa_tokenizer():
+    return build_ofa_tokenizer(BPE_DIR)
+
+
+@needs_bpe
+@pytest.mark.parametrize("text", SENTENCES)
+def test_ids_match_fairseq_reference(ofa_tokenizer, text):
+    expected = reference_fairseq_ids(text)
+    assert ofa_tokenizer(text, add_special_tokens=False).input_ids == expected
+    assert ofa_tokenizer(text).input_ids == [0, *expected, 2]
+    assert ofa_tokenizer.decode(expected) == text
+
+
+@needs_bpe
+def test_known_bart_ids(ofa_tokenizer):
+    # fairseq ids of the BiomedGPT caption prompt, as in BART's vocab.json
+    assert ofa_tokenizer(" what does the image describe?").input_ids == [0, 99, 473, 5, 2274, 6190, 116, 2]
+
+
+@needs_bpe
+def test_special_token_layout(ofa_tokenizer):
+    tok = ofa_tokenizer
+    assert len(tok) == 59457
+    assert tok.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok.mask_token_id == 50264
+    assert tok.convert_tokens_to_ids(["<code_0>", "<code_8191>", "<bin_0>", "<bin_999>"]) == [50265, 58456, 58457, 59456]
+    assert tok(" <bin_3><code_7>", add_special_tokens=False).input_ids == [1437, 58460, 50272]
+
+
+@needs_bpe
+def test_save_pretrained_round_trip(ofa_tokenizer, tmp_path):
+    save_tokenizer(ofa_tokenizer, tmp_path / "tok")
+    reloaded = load_tokenizer(tmp_path / "tok")
+    assert len(reloaded) == 59457
+    for text in SENTENCES:
+        assert reloaded(text).input_ids == ofa_tokenizer(text).input_ids
+
+
+@needs_bpe
+def test_vocab_and_merges_only_directory(ofa_tokenizer, tmp_path):
+    """The OFA HF-port layout (vocab.json + merges.txt, no code/bin tokens) loads to the same ids."""
+    save_tokenizer(ofa_tokenizer, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    assert len(json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))) == 50265
+    reloaded = load_tokenizer(tmp_path)
+    assert len(reloaded) == 59457
+    assert reloaded.convert_tokens_to_ids(["<code_0>", "<bin_0>"]) == [50265, 58457]
+    assert reloaded(SENTENCES[3]).input_ids == ofa_tokenizer(SENTENCES[3]).input_ids
+
+
+@needs_bpe
+def test_load_tokenizer_from_bpe_dir():
+    assert load_tokenizer(BPE_DIR)(SENTENCES[0]).input_ids == [0, 99, 473, 5, 2274, 6190, 116, 2]
+
+
+def test_missing_files_error_names_directory(tmp_path):
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"No tokenizer files in .*tokenizer\.json.*vocab\.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Missing encoder\.json, vocab\.bpe, dict\.txt in"):
+        build_ofa_tokenizer(tmp_path)
+
+
+def test_trained_tokenizer_has_ofa_families_and_round_trips(tmp_path):
+    corpus = [
+        " what modality is used? ct",
+        " is there a fracture of the left femur? yes",
+        " what does the image describe? chest x-ray with bilateral effusions",
+    ] * 20
+    tok = train_bpe_tokenizer(corpus, vocab_size=400, num_codes=16, num_bins=10)
+    base = tok.mask_token_id
+    assert tok.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
+    assert base == tok.vocab_size - 1 <= 399
+    assert tok.convert_tokens_to_ids(["<code_0>", "<code_15>", "<bin_0>", "<bin_9>"]) == [
+        base + 1, base + 16, base + 17, base + 26
+    ]
+    assert len(tok) == base + 27
+    ids = tok(" is there a fracture? <bin_3>").input_ids
+    assert ids[0] == 0 and ids[-1] == 2 and base + 20 in ids
+    assert tok.decode(ids, skip_special_tokens=True) == " is there a fracture? <bin_3>"
+
+    save_tokenizer(tok, tmp_path)
+    reloaded = load_tokenizer(tmp_path)
+    assert len(reloaded) == len(tok)
+    assert reloaded(" chest x-ray ünïcode").input_ids == tok(" chest x-ray ünïcode").input_ids
+
+
+def test_trained_tokenizer_default_families():
+    tok = train_bpe_tokenizer([" a small corpus about lungs"] * 5, vocab_size=300)
+    assert len(tok) == tok.vocab_size + 8192 + 1000
+    assert tok.convert_tokens_to_ids("<bin_999>") == len(tok) - 1
