@@ -332,6 +332,8 @@ class Config:
     eval: EvalArgs = field(default_factory=EvalArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
 
+    _source = None  # the YAML file this config came from, named in error messages (not a field)
+
     def problems(self, runtime: Runtime | None = None) -> list[str]:
         """Every problem of every section plus the cross-section and launch-environment checks."""
         out = [p for section in SECTIONS for p in getattr(self, section).problems()]
@@ -347,7 +349,7 @@ class Config:
         """Raise ConfigError with every problem at once; return self when valid."""
         problems = self.problems(runtime)
         if problems:
-            raise ConfigError(problems, source)
+            raise ConfigError(problems, source or self._source)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,6 +399,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     cfg = _build(Config, raw, "", problems)
     if problems:
         raise ConfigError(problems, source)
+    cfg._source = source
     return cfg
 
 
