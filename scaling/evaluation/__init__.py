@@ -1,0 +1,1 @@
+"""Evaluation: batched generation (free, candidate-constrained, all-candidate scoring), metrics and reports."""
