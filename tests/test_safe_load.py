@@ -1,0 +1,142 @@
+"""Safe checkpoint loading: fairseq allowlist, refusal of code-running pickles, clear errors on damaged files."""
+
+import argparse
+import datetime
+import json
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scaling.safe_load import CheckpointLoadError, load_pickle_checkpoint, load_state_dict_file
+
+
+class CreatesFileWhenUnpickled:
+    """A pickle payload whose loading opens (creates) a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RunsShellWhenUnpickled:
+    """A pickle payload whose loading runs a shell command that creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def fairseq_checkpoint() -> dict:
+    """The structure fairseq's Trainer.state_dict writes (legacy `args` Namespace, numpy scalars, EMA copy)."""
+    model = OrderedDict(w=torch.arange(6.0).reshape(2, 3), n=torch.tensor(3))
+    return {
+        "args": argparse.Namespace(arch="ofa_base", lr=[5e-5], freeze_encoder_embedding=True, ans2label_file=None),
+        "cfg": None,
+        "model": model,
+        "optimizer_history": [{"criterion_name": "AdjustLabelSmoothedCrossEntropyCriterion", "num_updates": 10}],
+        "extra_state": {
+            "train_iterator": {"epoch": 2, "iterations_in_epoch": 0, "version": 2},
+            "val_loss": np.float64(0.25),
+            "best": np.float32(71.6),
+            "ema": OrderedDict(w=torch.full((2, 3), 0.5, dtype=torch.float16), n=torch.tensor(3)),
+            "ema_fp32_params": OrderedDict(w=torch.full((2, 3), 0.5)),
+        },
+    }
+
+
+def test_fairseq_checkpoint_loads_with_allowlist(tmp_path):
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save(fairseq_checkpoint(), path)
+    checkpoint = load_pickle_checkpoint(path)
+    assert checkpoint["args"].arch == "ofa_base"
+    assert checkpoint["extra_state"]["best"] == np.float32(71.6)
+    model = load_state_dict_file(path)
+    assert torch.equal(model["w"], torch.arange(6.0).reshape(2, 3))
+    ema = load_state_dict_file(path, weights="ema")
+    assert ema["w"].dtype == torch.float32 and torch.equal(ema["w"], torch.full((2, 3), 0.5))
+    assert torch.equal(ema["n"], torch.tensor(3))
+
+
+def test_missing_ema_is_a_clear_error(tmp_path):
+    path = tmp_path / "no_ema.pt"
+    checkpoint = fairseq_checkpoint()
+    del checkpoint["extra_state"]["ema"]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointLoadError, match=r"no_ema\.pt has no EMA weights"):
+        load_state_dict_file(path, weights="ema")
+
+
+@pytest.mark.parametrize("payload", [CreatesFileWhenUnpickled, RunsShellWhenUnpickled])
+def test_code_running_pickle_is_refused_and_creates_nothing(tmp_path, payload):
+    marker = tmp_path / "created_by_pickle"
+    path = tmp_path / "malicious.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointLoadError, match=r"Refused to load .*malicious\.pt.*(io\.open|posix\.system).*--trust-pickle"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+
+def test_trust_pickle_is_the_explicit_way_around_and_warns(tmp_path, caplog):
+    path = tmp_path / "dated.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "saved_on": datetime.date(2024, 5, 1)}, path)
+    with pytest.raises(CheckpointLoadError, match="datetime.date"):
+        load_pickle_checkpoint(path)
+    logging.getLogger("scaling").addHandler(caplog.handler)
+    try:
+        checkpoint = load_pickle_checkpoint(path, trust_pickle=True)
+    finally:
+        logging.getLogger("scaling").removeHandler(caplog.handler)
+    assert checkpoint["saved_on"] == datetime.date(2024, 5, 1)
+    assert any("unrestricted pickle" in record.getMessage() for record in caplog.records)
+
+
+def test_truncated_torch_zip_gives_clear_error(tmp_path):
+    path = tmp_path / "half.pt"
+    torch.save(fairseq_checkpoint(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointLoadError, match=r"Cannot read .*half\.pt .*truncated or corrupt.*Copy or download it again"):
+        load_state_dict_file(path)
+
+
+def test_truncated_safetensors_gives_clear_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(256)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointLoadError, match=r"Cannot read .*model\.safetensors .*truncated or corrupt"):
+        load_state_dict_file(path)
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(CheckpointLoadError, match="Checkpoint file not found"):
+        load_state_dict_file(tmp_path / "absent.pt")
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(CheckpointLoadError, match=r"Unknown checkpoint type .*weights\.npz"):
+        load_state_dict_file(tmp_path / "weights.npz")
+
+
+def test_save_pretrained_directories_single_and_sharded(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    single.mkdir()
+    sharded.mkdir()
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, single / "model.safetensors")
+    save_file({"a": torch.ones(2)}, sharded / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(3)}, sharded / "model-00002-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for directory in (single, sharded):
+        state_dict = load_state_dict_file(directory)
+        assert sorted(state_dict) == ["a", "b"] and torch.equal(state_dict["b"], torch.zeros(3))
+    with pytest.raises(CheckpointLoadError, match=r"No model weights in .*expected one of model\.safetensors"):
+        load_state_dict_file(tmp_path)
