@@ -1,0 +1,427 @@
+"""Evaluation reports: `report.json` (every number), `report.md`, and a self-contained `report.html` (charts as
+embedded PNGs, sample thumbnails as data URIs; it opens offline), plus merging several reports into one comparison.
+
+A report is a dict:
+
+    {"schema": 1, "created": ..., "runs": [{"config", "environment", "timing", ...}],
+     "evaluations": [{"run": 0, "checkpoint": {"name", "path", "fingerprint", "parameters"},
+                      "dataset": {"name", "source", "split", "path", "fingerprint", "n"}, "task", "mode", "decoding",
+                      "primary", "metrics": {"scores", "counts", "groups", "confusion"?}, "timing",
+                      "predictions_file", "samples": [{"id", "question", "prediction", "reference", "correct",
+                      "thumbnail"}]}]}
+
+Numbers are shown with two decimals everywhere (`fmt`), so report.md and report.html carry exactly the values of
+report.json rounded the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scaling.data.records import Record
+
+SCHEMA = 1
+THUMBNAIL_PX = 96
+FINGERPRINT_BLOCK = 4 << 20
+"""Bytes hashed at each end of a large weight file: enough to tell checkpoints apart without reading gigabytes."""
+
+
+def fmt(value: float) -> str:
+    """How every score is printed in report.md and report.html."""
+    return f"{value:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fingerprints and samples
+
+
+def checkpoint_fingerprint(directory: str | os.PathLike) -> str:
+    """sha256 over each file's name, size, and first and last 4 MiB (complete content for files below 8 MiB)."""
+    digest = hashlib.sha256()
+    root = Path(directory)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as file:
+            digest.update(file.read(FINGERPRINT_BLOCK))
+            if size > 2 * FINGERPRINT_BLOCK:
+                file.seek(-FINGERPRINT_BLOCK, os.SEEK_END)
+            digest.update(file.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    """sha256 of what is evaluated: ids, task, text fields, references, candidates and each image's bytes."""
+    digest = hashlib.sha256()
+    for record in records:
+        image = hashlib.sha256(record.image.read_bytes()).hexdigest() if record.image is not None else None
+        row = [record.id, record.task, record.text, record.targets, record.candidates, record.answer_type, image]
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def thumbnail_uri(record: Record, size: int = THUMBNAIL_PX) -> str | None:
+    """A small JPEG of the record's image as a data URI, or None for text-only records and unreadable images."""
+    if record.image is None:
+        return None
+    from scaling.data.images import ImageError, load_image
+
+    try:
+        image = load_image(record.image)
+    except ImageError:
+        return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def question_text(record: Record) -> str:
+    """The record's input as one line for the sample table."""
+    return " | ".join(f"{k}: {v}" if len(record.text) > 1 else v for k, v in record.text.items())
+
+
+def sample_rows(records: Sequence[Record], predictions: Sequence[str], hits: Sequence[bool | None],
+                limit: int) -> list[dict]:
+    """The first `limit` samples for the report's table, with thumbnails embedded."""
+    rows = []
+    for record, prediction, hit in list(zip(records, predictions, hits, strict=True))[:limit]:
+        rows.append({"id": record.id, "question": question_text(record), "prediction": prediction,
+                     "reference": record.target, "correct": hit, "thumbnail": thumbnail_uri(record)})
+    return rows
+
+
+def write_predictions(path: str | os.PathLike, records: Sequence[Record], predictions: Sequence[str],
+                      hits: Sequence[bool | None], extra: Sequence[dict] | None = None) -> Path:
+    """One JSON line per sample: id, task, input, prediction, references, answer type, attributes, hit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
+        for i, (record, prediction, hit) in enumerate(zip(records, predictions, hits, strict=True)):
+            row = {"id": record.id, "task": record.task, "input": record.text, "prediction": prediction,
+                   "references": record.targets, "answer_type": record.answer_type,
+                   "attributes": record.attributes, "correct": hit, **(extra[i] if extra else {})}
+            file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def new_report(runs: list[dict], evaluations: list[dict]) -> dict:
+    """A report dict from its runs (config, environment, timing) and evaluations."""
+    return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "runs": runs, "evaluations": evaluations}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md and report.html into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    _atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    _atomic_write(paths["md"], render_markdown(report))
+    _atomic_write(paths["html"], render_html(report))
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def merge_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict:
+    """Combine several report.json files into one comparison report (runs and evaluations concatenated)."""
+    runs, evaluations = [], []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no report.json there; pass report files or run directories "
+                                    "written by recipes/evaluate.py")
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if report.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: report schema {report.get('schema')!r}, expected {SCHEMA}; re-run the "
+                             "evaluation with this version")
+        offset = len(runs)
+        runs += [{**run, "report": str(path)} for run in report["runs"]]
+        evaluations += [{**e, "run": e["run"] + offset} for e in report["evaluations"]]
+    _disambiguate_checkpoints(evaluations, runs)
+    merged = new_report(runs, evaluations)
+    write_report(merged, out_dir)
+    return merged
+
+
+def _disambiguate_checkpoints(evaluations: list[dict], runs: list[dict]) -> None:
+    """Two reports that both call their model 'export' get the report's directory name added."""
+    owners: dict[str, set[str | None]] = {}
+    for e in evaluations:
+        owners.setdefault(e["checkpoint"]["name"], set()).add(e["checkpoint"].get("fingerprint"))
+    for e in evaluations:
+        if len(owners[e["checkpoint"]["name"]]) > 1:
+            run_dir = Path(runs[e["run"]]["report"]).parent.name
+            e["checkpoint"] = {**e["checkpoint"], "name": f"{e['checkpoint']['name']} ({run_dir})"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables shared by Markdown and HTML
+
+
+def checkpoint_names(report: dict) -> list[str]:
+    """Checkpoints in the order of their size (Base, Large, XLarge), then of appearance."""
+    seen: dict[str, int] = {}
+    for e in report["evaluations"]:
+        seen.setdefault(e["checkpoint"]["name"], e["checkpoint"].get("parameters") or 0)
+    return sorted(seen, key=lambda name: seen[name])
+
+
+def dataset_names(report: dict) -> list[str]:
+    return list(dict.fromkeys(e["dataset"]["name"] for e in report["evaluations"]))
+
+
+def _find(report: dict, checkpoint: str, dataset: str) -> dict | None:
+    for e in report["evaluations"]:
+        if e["checkpoint"]["name"] == checkpoint and e["dataset"]["name"] == dataset:
+            return e
+    return None
+
+
+def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows: dataset (task, primary metric); columns: checkpoints; cells: the primary score."""
+    checkpoints = checkpoint_names(report)
+    header = ["dataset", "task", "metric", *checkpoints]
+    rows = []
+    for dataset in dataset_names(report):
+        first = next(e for e in report["evaluations"] if e["dataset"]["name"] == dataset)
+        cells = []
+        for checkpoint in checkpoints:
+            e = _find(report, checkpoint, dataset)
+            cells.append(fmt(e["metrics"]["scores"][e["primary"]]) if e else "–")
+        rows.append([dataset, first["task"], first["primary"], *cells])
+    return header, rows
+
+
+def scores_table(evaluation: dict) -> tuple[list[str], list[list[str]]]:
+    scores, counts = evaluation["metrics"]["scores"], evaluation["metrics"]["counts"]
+    return ["metric", "score", "n"], [[name, fmt(value), str(counts.get(name, ""))] for name, value in scores.items()]
+
+
+def group_table(groups: dict) -> tuple[list[str], list[list[str]]]:
+    return ["value", "accuracy", "n"], [[value, fmt(g["accuracy"]), str(g["n"])] for value, g in groups.items()]
+
+
+def confusion_table(confusion: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["reference \\ prediction", *confusion["columns"]]
+    return header, [[row, *map(str, counts)] for row, counts in zip(confusion["rows"], confusion["matrix"],
+                                                                       strict=True)]
+
+
+def evaluation_title(evaluation: dict) -> str:
+    return f"{evaluation['checkpoint']['name']} on {evaluation['dataset']['name']} ({evaluation['task']}, " \
+           f"{evaluation['mode']})"
+
+
+def settings_line(evaluation: dict) -> str:
+    d, t, c, ds = evaluation["decoding"], evaluation["timing"], evaluation["checkpoint"], evaluation["dataset"]
+    decoding = ", ".join(f"{k}={v}" for k, v in d.items())
+    return (f"{ds['n']} samples ({ds.get('source')}, split {ds.get('split')}), decoding: {decoding}; "
+            f"{t['seconds']:.1f} s ({t['samples_per_s']:.2f} samples/s); checkpoint {c.get('path')} "
+            f"[{(c.get('fingerprint') or 'no fingerprint')[:12]}], data [{ds['fingerprint'][:12]}]")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report as Markdown tables (no images)."""
+    parts = ["# Evaluation report", "", f"Created {report['created']}.", "", "## Summary", "",
+             _md_table(*summary_table(report))]
+    for evaluation in report["evaluations"]:
+        parts += ["", f"## {evaluation_title(evaluation)}", "", settings_line(evaluation), "",
+                  _md_table(*scores_table(evaluation))]
+        for key, groups in evaluation["metrics"].get("groups", {}).items():
+            parts += ["", f"### By {key}", "", _md_table(*group_table(groups))]
+        if "confusion" in evaluation["metrics"]:
+            parts += ["", "### Closed (yes/no) questions", "", _md_table(*confusion_table(evaluation["metrics"]
+                                                                                           ["confusion"]))]
+        if evaluation.get("predictions_file"):
+            parts += ["", f"Per-sample predictions: `{evaluation['predictions_file']}`"]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Charts (matplotlib Agg → PNG → data URI)
+
+
+def _figure_uri(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def chart_primary_scores(report: dict) -> str:
+    """Grouped bars: one group per dataset, one bar per checkpoint, height = the primary score."""
+    plt = _pyplot()
+    datasets, checkpoints = dataset_names(report), checkpoint_names(report)
+    width = 0.8 / len(checkpoints)
+    figure, axis = plt.subplots(figsize=(max(5, 1.4 * len(datasets) * len(checkpoints) ** 0.5), 3.5))
+    for i, checkpoint in enumerate(checkpoints):
+        values = [(_find(report, checkpoint, d) or {}) for d in datasets]
+        heights = [e["metrics"]["scores"][e["primary"]] if e else 0.0 for e in values]
+        axis.bar([x + i * width for x in range(len(datasets))], heights, width, label=checkpoint)
+    axis.set_xticks([x + width * (len(checkpoints) - 1) / 2 for x in range(len(datasets))])
+    axis.set_xticklabels([f"{d}\n({_primary(report, d)})" for d in datasets], fontsize=8)
+    axis.set_ylabel("score")
+    axis.set_title("Primary score per dataset")
+    axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+def _primary(report: dict, dataset: str) -> str:
+    return next(e["primary"] for e in report["evaluations"] if e["dataset"]["name"] == dataset)
+
+
+def chart_checkpoints(report: dict) -> str | None:
+    """Lines across checkpoints ordered by size (the Base → Large → XLarge view), one line per dataset and score."""
+    checkpoints = checkpoint_names(report)
+    if len(checkpoints) < 2:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for dataset in dataset_names(report):
+        evaluations = [_find(report, c, dataset) for c in checkpoints]
+        names = next(e for e in evaluations if e)["metrics"]["scores"]
+        for name in [n for n in names if n.endswith("accuracy") or n in ("rouge_l", "cider", "bleu_4")][:3]:
+            values = [e["metrics"]["scores"].get(name) if e else None for e in evaluations]
+            axis.plot(checkpoints, [float("nan") if v is None else v for v in values], marker="o",
+                      label=f"{dataset}: {name}")
+    axis.set_ylabel("score")
+    axis.set_title("Checkpoints side by side")
+    axis.legend(fontsize=7, loc="best")
+    return _figure_uri(figure)
+
+
+def chart_groups(evaluation: dict, key: str) -> str:
+    """Horizontal bars of accuracy per group value, annotated with the sample count."""
+    plt = _pyplot()
+    groups = evaluation["metrics"]["groups"][key]
+    figure, axis = plt.subplots(figsize=(5.5, 0.3 * len(groups) + 1.2))
+    names = list(groups)
+    axis.barh(names, [groups[n]["accuracy"] for n in names], color="#4c72b0")
+    for y, name in enumerate(names):
+        axis.text(groups[name]["accuracy"] + 1, y, f"n={groups[name]['n']}", va="center", fontsize=7)
+    axis.set_xlim(0, 110)
+    axis.invert_yaxis()
+    axis.set_xlabel("accuracy")
+    axis.set_title(f"{evaluation_title(evaluation)}: by {key}", fontsize=9)
+    return _figure_uri(figure)
+
+
+def chart_confusion(evaluation: dict) -> str:
+    """The yes/no confusion matrix as a heat map with counts."""
+    plt = _pyplot()
+    confusion = evaluation["metrics"]["confusion"]
+    figure, axis = plt.subplots(figsize=(3.6, 2.6))
+    axis.imshow(confusion["matrix"], cmap="Blues")
+    for r, row in enumerate(confusion["matrix"]):
+        for c, count in enumerate(row):
+            axis.text(c, r, str(count), ha="center", va="center")
+    axis.set_xticks(range(len(confusion["columns"])), confusion["columns"])
+    axis.set_yticks(range(len(confusion["rows"])), confusion["rows"])
+    axis.set_xlabel("prediction")
+    axis.set_ylabel("reference")
+    axis.set_title("closed (yes/no) questions", fontsize=9)
+    return _figure_uri(figure)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.ok { background: #e6f4ea; } td.bad { background: #fce8e6; }
+img.chart { max-width: 100%; } .settings { color: #555; font-size: 0.85rem; }
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(uri: str | None, alt: str, css: str = "chart") -> str:
+    return f'<img class="{css}" alt="{html.escape(alt)}" src="{uri}">' if uri else ""
+
+
+def _samples_html(samples: list[dict]) -> str:
+    rows = []
+    for s in samples:
+        verdict = {True: "ok", False: "bad"}.get(s["correct"], "")
+        rows.append(
+            f"<tr><td>{_img(s['thumbnail'], s['id'], 'thumb')}</td><td>{html.escape(s['question'])}</td>"
+            f"<td class=\"{verdict}\">{html.escape(s['prediction'])}</td><td>{html.escape(str(s['reference']))}"
+            "</td></tr>")
+    return ("<table><tr><th>image</th><th>input</th><th>prediction</th><th>reference</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def render_html(report: dict) -> str:
+    """One HTML file with every table of report.md, the charts and the sample table, images as data URIs."""
+    body = [f"<h1>Evaluation report</h1><p>Created {html.escape(report['created'])}.</p>", "<h2>Summary</h2>",
+            _html_table(*summary_table(report)), _img(chart_primary_scores(report), "primary score per dataset"),
+            _img(chart_checkpoints(report), "checkpoints side by side")]
+    for evaluation in report["evaluations"]:
+        metrics = evaluation["metrics"]
+        body += [f"<h2>{html.escape(evaluation_title(evaluation))}</h2>",
+                 f"<p class=\"settings\">{html.escape(settings_line(evaluation))}</p>",
+                 _html_table(*scores_table(evaluation))]
+        for key, groups in metrics.get("groups", {}).items():
+            body += [f"<h3>By {html.escape(key)}</h3>", _html_table(*group_table(groups)),
+                     _img(chart_groups(evaluation, key), f"accuracy by {key}")]
+        if "confusion" in metrics:
+            body += ["<h3>Closed (yes/no) questions</h3>", _html_table(*confusion_table(metrics["confusion"])),
+                     _img(chart_confusion(evaluation), "confusion matrix")]
+        if evaluation.get("samples"):
+            body += ["<h3>Samples</h3>", _samples_html(evaluation["samples"])]
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Evaluation report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
