@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +87,10 @@ class DataError(ValueError):
     """A dataset cannot be read at all (missing path, wrong format); the message says how to fix it."""
 
 
+class SplitNotFound(DataError):
+    """The dataset has no file for the requested split."""
+
+
 class BadRecord(ValueError):
     """One record is unusable; `reason` is the short key it is counted under when skipped."""
 
@@ -114,10 +118,10 @@ class RecordCollector:
     the block is counted under its reason (skip) or re-raised as a `RecordError` naming the file and index (error).
     """
 
-    def __init__(self, on_bad_record: OnBadRecord = "skip"):
+    def __init__(self, on_bad_record: OnBadRecord = "skip", check: Callable[[Record], None] | None = None):
         if on_bad_record not in ("skip", "error"):
             raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
-        self.on_bad_record = on_bad_record
+        self.on_bad_record, self.check = on_bad_record, check
         self.records: list[Record] = []
         self.skipped: Counter = Counter()
         self._ids: set[str] = set()
@@ -132,6 +136,9 @@ class RecordCollector:
             self.skipped[bad.reason] += 1
 
     def add(self, record: Record) -> None:
+        """Keeps the record if it passes `check` and its id is new; raises BadRecord otherwise."""
+        if self.check is not None:
+            self.check(record)
         if record.id in self._ids:
             raise BadRecord("duplicate id", "id", "give every record a unique id or remove the repeated row",
                             detail=f"id {record.id!r} was already read")
@@ -172,7 +179,7 @@ def normalize_answer_type(value: Any, field: str = "answer_type") -> str:
 def check_split(split: str, available: tuple[str, ...], source: str) -> None:
     """Raises a DataError listing the splits a source offers."""
     if split not in available:
-        raise DataError(f"source {source!r} has no split {split!r}; choose one of {', '.join(available)}")
+        raise SplitNotFound(f"source {source!r} has no split {split!r}; choose one of {', '.join(available)}")
 
 
 def check_path(path: Path | str, what: str, hint: str = "") -> Path:

@@ -1,0 +1,154 @@
+"""Image decoding (any PIL format, 16-bit, CMYK, DICOM) to RGB, and the tensor transform, with PIL and numpy only."""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from scaling.data.records import ImageRef
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Largest width*height decoded; a 10k x 10k slide fits, a decompression bomb does not."""
+OFA_MEAN = OFA_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_DICOM_MAGIC_OFFSET = 128
+
+
+class ImageError(ValueError):
+    """An image cannot be used; the message names it and says what to do."""
+
+
+class ImageTooLarge(ImageError):
+    """The image has more pixels than max_pixels allows (decompression-bomb guard)."""
+
+
+def load_image(ref: ImageRef | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image reference to an 8-bit RGB PIL image, upright per its EXIF orientation."""
+    if isinstance(ref, Image.Image):
+        return to_rgb(ref)
+    try:
+        data = ref.read_bytes()
+    except OSError as error:
+        raise ImageError(f"{ref.describe()}: cannot read image ({error}). Fix: check the image path") from None
+    if _is_dicom(ref, data):
+        return _load_dicom(data, ref.describe())
+    return to_rgb(_decode_pil(data, ref.describe(), max_pixels))
+
+
+def _decode_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open, check the size from the header, then fully decode, turning decoder failures into ImageErrors."""
+    with warnings.catch_warnings():
+        # our own max_pixels check replaces PIL's process-wide bomb warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height <= max_pixels:
+                image.load()
+                return ImageOps.exif_transpose(image)
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"{name}: {error}. Fix: downscale the image or raise max_pixels") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageError(f"{name}: cannot decode image ({error}). Fix: re-export or remove this file") from None
+    raise ImageTooLarge(
+        f"{name}: {width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
+        "(decompression-bomb guard). Fix: downscale the image or raise max_pixels if it is trusted"
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: high bit depth rescaled to 8 bits, transparency composited on white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(rescale_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def rescale_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Stretch the image's own value range to 0..255 (12-bit CT/X-ray data rarely fills 16 bits)."""
+    pixels = pixels.astype(np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def _is_dicom(ref: ImageRef, data: bytes) -> bool:
+    suffix = ref.path.suffix.lower() if ref.path is not None else ""
+    return suffix in (".dcm", ".dicom") or data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _load_dicom(data: bytes, name: str) -> Image.Image:
+    """A DICOM slice to RGB: modality rescale, the stored display window if any, MONOCHROME1 inverted."""
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageError(f"{name}: reading DICOM needs pydicom. Fix: pip install 'scaling[dicom]'") from None
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        pixels = dataset.pixel_array.astype(np.float64)
+    except Exception as error:  # pydicom raises many types for bad files and missing pixel handlers
+        raise ImageError(f"{name}: cannot decode DICOM ({error}). Fix: convert it to PNG or install the "
+                         "pixel-data handler pydicom names") from None
+    if getattr(dataset, "PhotometricInterpretation", "") == "RGB":
+        return Image.fromarray(rescale_to_uint8(pixels)).convert("RGB")
+    pixels = pixels * float(getattr(dataset, "RescaleSlope", 1)) + float(getattr(dataset, "RescaleIntercept", 0))
+    if pixels.ndim == 3:  # multi-frame: the middle frame stands for the series
+        pixels = pixels[pixels.shape[0] // 2]
+    pixels = _apply_window(pixels, dataset)
+    gray = rescale_to_uint8(pixels)
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        gray = 255 - gray
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _apply_window(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Clip to the DICOM's first stored window (center/width), the view the radiologist saw."""
+    center, width = getattr(dataset, "WindowCenter", None), getattr(dataset, "WindowWidth", None)
+    if center is None or width is None:
+        return pixels
+    center = float(center[0] if isinstance(center, Sequence) else center)
+    width = float(width[0] if isinstance(width, Sequence) else width)
+    return np.clip(pixels, center - width / 2, center + width / 2)
+
+
+class ImageTransform:
+    """PIL image → normalised float tensor (3, size, size); `train=True` adds light, anatomy-safe augmentation.
+
+    No horizontal flips: left/right is part of many medical answers ("which side is the lesion on?").
+    """
+
+    def __init__(self, size: int, mean: Sequence[float] = OFA_MEAN, std: Sequence[float] = OFA_STD,
+                 train: bool = False, seed: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.size, self.train, self.max_pixels = size, train, max_pixels
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.rng = random.Random(seed)
+
+    def __call__(self, image: Image.Image | ImageRef) -> torch.Tensor:
+        image = load_image(image, self.max_pixels)
+        if self.train:
+            image = self.augment(image)
+        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (H, W, 3) -> (3, H, W)
+        return torch.from_numpy((pixels - self.mean) / self.std)
+
+    def augment(self, image: Image.Image) -> Image.Image:
+        """A random crop of 80-100% of the area, a rotation within ±10°, brightness and contrast within ±10%."""
+        width, height = image.size
+        scale = self.rng.uniform(0.8, 1.0) ** 0.5
+        crop_w, crop_h = max(1, round(width * scale)), max(1, round(height * scale))
+        left, top = self.rng.randint(0, width - crop_w), self.rng.randint(0, height - crop_h)
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        image = image.rotate(self.rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
+        image = ImageEnhance.Brightness(image).enhance(self.rng.uniform(0.9, 1.1))
+        return ImageEnhance.Contrast(image).enhance(self.rng.uniform(0.9, 1.1))

@@ -1,0 +1,90 @@
+"""Helpers every source shares: strict file reading, split-file lookup, record checks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from scaling.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image
+from scaling.data.records import BadRecord, DataError, Record, RecordCollector, SplitNotFound
+from scaling.data.tasks import TASKS
+
+UTF8_FIX = "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
+def read_json(file: Path) -> Any:
+    """A whole JSON file, with errors that name the file and the position."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not valid UTF-8 at byte {error.start}. Fix: {UTF8_FIX}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{file}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}. "
+                        "Fix: repair or re-export the file") from None
+
+
+def decode_line(raw: bytes) -> str:
+    """One line of a text file; bad UTF-8 is a BadRecord so that only this line is lost."""
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise BadRecord("undecodable text", "<line>", UTF8_FIX, detail=f"invalid UTF-8 at byte {error.start}") from None
+
+
+def iter_lines(file: Path) -> Iterator[tuple[int, bytes]]:
+    """(line index, raw bytes) for the non-blank lines of a file, decoded later per line."""
+    with file.open("rb") as handle:
+        for index, raw in enumerate(handle):
+            if raw.strip():
+                yield index, raw
+
+
+def as_row(value: Any, what: str = "record") -> dict:
+    """A native record that must be a JSON object."""
+    if not isinstance(value, dict):
+        raise BadRecord("wrong value type", "<record>", f"each {what} must be a JSON object",
+                        detail=f"got {type(value).__name__}")
+    return value
+
+
+def find_split_file(root: Path, split: str, names: dict[str, list[str]], source: str) -> Path:
+    """The first existing file among the native names for a split (e.g. validation → validate.json, val.json)."""
+    if split not in names:
+        raise SplitNotFound(f"source {source!r} has no split {split!r}; choose one of {', '.join(names)}")
+    for name in names[split]:
+        if (root / name).is_file():
+            return root / name
+    raise SplitNotFound(f"{root}: no {split} file for source {source!r} (looked for {', '.join(names[split])})")
+
+
+def make_collector(on_bad_record: str = "skip", verify_images: bool = False,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordCollector:
+    """A collector that checks each record against its task and, optionally, decodes its image once."""
+
+    def check(record: Record) -> None:
+        TASKS[record.task].check(record)
+        if record.image is not None:
+            check_image(record, verify_images, max_pixels)
+
+    return RecordCollector(on_bad_record, check)
+
+
+def check_image(record: Record, decode: bool, max_pixels: int) -> None:
+    """The image file exists; with `decode`, it also decodes within max_pixels."""
+    path = record.image.path
+    if path is not None and not path.is_file():
+        raise BadRecord("missing image file", "image", "put the image there or fix the image name/folder",
+                        detail=str(path))
+    if not decode:
+        return
+    try:
+        load_image(record.image, max_pixels)
+    except ImageTooLarge as error:
+        raise BadRecord("image over max_pixels", "image", "downscale it or raise max_pixels", detail=str(error)) from None
+    except ImageError as error:
+        raise BadRecord("unreadable image", "image", "re-export or remove the image", detail=str(error)) from None
