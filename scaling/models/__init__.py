@@ -1,0 +1,1 @@
+"""Model implementations (no distributed code here: that lives in scaling/training)."""
