@@ -1,0 +1,1 @@
+"""Training infrastructure used by the recipes: accelerator, optimizer, checkpoints, tracking, memory."""

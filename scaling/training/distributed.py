@@ -1,0 +1,100 @@
+"""The Accelerator: the one place that knows about CPU/gloo, DeepSpeed "auto" values, precision and trackers.
+
+    accelerator = build_accelerator(cfg)     # before the model is built (ZeRO-3 init, seeding)
+    fill_deepspeed_auto(accelerator, cfg)    # before accelerator.prepare(...)
+
+Recipes never construct an Accelerator themselves, so every launch topology (one CPU, one GPU, DDP, ZeRO-1/2/3,
+offload, several machines, Slurm) takes the same path.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+from scaling.config import Config
+from scaling.logging import get_logger
+from scaling.training.tracking import MetricsLog
+
+log = get_logger(__name__)
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+"""Long enough for rank 0 to write a ZeRO-3 export while the others wait at a barrier."""
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator for the current launch: gloo on CPU-only hosts, precision, accumulation, jsonl (+ tensorboard)."""
+    handlers = []
+    if not torch.cuda.is_available():
+        # Without an explicit backend accelerate treats a CPU-only DeepSpeed launch as one process and DeepSpeed's
+        # batch-size check fails; gloo gives DDP and ZeRO a working process group on CPUs.
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))
+    else:
+        handlers.append(InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT))
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg),
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=trackers(cfg),
+        project_config=ProjectConfiguration(project_dir=cfg.train.output_dir,
+                                            logging_dir=os.path.join(cfg.train.output_dir, "tensorboard")),
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step itself
+    )
+    return accelerator
+
+
+def resolve_mixed_precision(cfg: Config) -> str:
+    """The launcher's --mixed_precision when it asks for one, else train.mixed_precision."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no" and cfg.train.mixed_precision not in ("no", launcher):
+        log.warning("accelerate launch asks for mixed_precision=%s, the config for %s; using %s",
+                    launcher, cfg.train.mixed_precision, launcher)
+    return launcher if launcher != "no" else cfg.train.mixed_precision
+
+
+def trackers(cfg: Config) -> list:
+    """A JSONL metrics log always; tensorboard when enabled and installed."""
+    out: list = [MetricsLog(cfg.train.output_dir)]
+    if cfg.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            out.append("tensorboard")
+        except ImportError:
+            log.warning("logging.tensorboard=true but the tensorboard package is not installed; logging to jsonl only")
+    return out
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage of this launch (0 without DeepSpeed)."""
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
+    """Replace the DeepSpeed JSON's "auto" batch, accumulation and clipping values by the recipe config's."""
+    if not uses_deepspeed(accelerator):
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train_batch_size": cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes,
+        "gradient_clipping": cfg.train.max_grad_norm,
+    }
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            log.warning("DeepSpeed config sets %s=%s, the recipe config implies %s; DeepSpeed's value wins",
+                        key, ds[key], value)
