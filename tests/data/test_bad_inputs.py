@@ -1,0 +1,124 @@
+"""The catalogue of bad inputs: each is a counted skip or a clear error naming the file, the record and the fix."""
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scaling.data.records import DataError, RecordError
+from scaling.data.sources import load_source
+
+GOOD = {"phrase_type": "freeform", "image_organ": "HEAD", "question_type": "PRES", "question": "Is it normal?",
+        "answer": "yes", "answer_type": "CLOSED", "image_name": "good.jpg"}
+
+# (qid, change to a good VQA-RAD row, the reason it is skipped or None when it must be kept, the field named)
+CATALOGUE = [
+    (1, {}, None, None),
+    (2, {"image_name": "absent.jpg"}, "missing image file", "image"),
+    (3, {"image_name": "corrupt.jpg"}, "unreadable image", "image"),
+    (4, {"image_name": "truncated.png"}, "unreadable image", "image"),
+    (5, {"image_name": "gray16.png"}, None, None),
+    (6, {"image_name": "cmyk.jpg"}, None, None),
+    (7, {"image_name": "huge.png"}, "image over max_pixels", "image"),
+    (8, {"question": "   "}, "empty question", "question"),
+    (9, {"answer": None}, "missing answer", "answer"),
+    (10, {"question": ["Is", "it", "normal?"]}, "wrong value type", "question"),
+    (1, {"question": "Is it the same id?"}, "duplicate id", "id"),
+    (11, {"answer_type": "YES/NO"}, "unknown answer type", "answer_type"),
+]
+
+
+def write_images(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "good.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 20)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    Image.fromarray(np.array([[0, 4000], [2000, 1000]], dtype=np.uint16)).save(folder / "gray16.png")
+    Image.new("CMYK", (8, 8), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
+    Image.new("L", (300, 300), 0).save(folder / "huge.png")  # 90,000 pixels, over the test's 50,000 limit
+
+
+@pytest.fixture
+def catalogue_release(tmp_path: Path) -> Path:
+    write_images(tmp_path / "images")
+    rows = [{**GOOD, "qid": qid, **change} for qid, change, _, _ in CATALOGUE]
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    return tmp_path
+
+
+def test_bad_records_are_counted_and_good_ones_kept(catalogue_release: Path):
+    result = load_source("vqa_rad", catalogue_release, "train", verify_images=True, max_pixels=50_000)
+    assert [r.id for r in result.records] == ["1", "5", "6"]  # good, 16-bit grayscale, CMYK
+    assert result.skipped == Counter(reason for _, _, reason, _ in CATALOGUE if reason)
+    assert len(result.records) + result.n_skipped == len(CATALOGUE)
+
+
+def test_without_verification_only_missing_files_are_caught_at_load_time(catalogue_release: Path):
+    result = load_source("vqa_rad", catalogue_release, "train")
+    assert "unreadable image" not in result.skipped and result.skipped["missing image file"] == 1
+
+
+@pytest.mark.parametrize("position", [i for i, (_, _, reason, _) in enumerate(CATALOGUE) if reason])
+def test_on_bad_record_error_names_file_record_field_and_fix(tmp_path: Path, position: int):
+    write_images(tmp_path / "images")
+    qid, change, reason, field = CATALOGUE[position]
+    rows = [{**GOOD, "qid": 1}, {**GOOD, "qid": qid, **change}] if qid == 1 else [{**GOOD, "qid": qid, **change}]
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    with pytest.raises(RecordError) as info:
+        load_source("vqa_rad", tmp_path, "train", on_bad_record="error", verify_images=True, max_pixels=50_000)
+    message = str(info.value)
+    assert "VQA_RAD Dataset Public.json" in message and f"record {len(rows) - 1}" in message
+    assert f"field {field!r}" in message and reason in message and "Fix: " in message
+
+
+def test_undecodable_text_in_a_line_file_loses_only_that_line(tmp_path: Path):
+    good = json.dumps({"sentence1": "No fever.", "sentence2": "Afebrile.", "gold_label": "entailment"})
+    (tmp_path / "mli_train_v1.jsonl").write_bytes(
+        good.encode() + b"\n" + b'{"sentence1": "caf\xe9", "sentence2": "x", "gold_label": "neutral"}\n'
+        + good.replace("No fever", "No chills").encode() + b"\n")
+    result = load_source("mednli", tmp_path, "train")
+    assert len(result.records) == 2 and result.skipped == Counter({"undecodable text": 1})
+    with pytest.raises(RecordError, match=r"record 1, field '<line>': undecodable text: invalid UTF-8 at byte 18"):
+        load_source("mednli", tmp_path, "train", on_bad_record="error")
+
+
+def test_undecodable_text_in_a_json_file_names_the_byte(tmp_path: Path):
+    (tmp_path / "VQA_RAD Dataset Public.json").write_bytes(b'[{"question": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"not valid UTF-8 at byte 18. Fix: re-save the file as UTF-8"):
+        load_source("vqa_rad", tmp_path, "train")
+
+
+def test_undecodable_text_and_bad_base64_in_a_tsv(tmp_path: Path):
+    (tmp_path / "train.tsv").write_bytes(b"src \xff\tsummary\nsource two\tsummary two\nonly one column\n")
+    result = load_source("biomedgpt_tsv", tmp_path, "train", task="summarize")
+    assert [r.text["source"] for r in result.records] == ["source two"]
+    assert result.skipped == Counter({"undecodable text": 1, "wrong column count": 1})
+    (tmp_path / "test.tsv").write_text("1\timg\tq?\t1.0|!+yes\t\tnot*base64!\n")
+    assert load_source("biomedgpt_tsv", tmp_path, "test", task="vqa").skipped == Counter(
+        {"undecodable image base64": 1})
+
+
+def test_wrong_json_shape_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "train.json").write_text('{"not": "a list"}')
+    with pytest.raises(DataError, match="expected a list of question records, got dict"):
+        load_source("pathvqa", tmp_path, "train")
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text('[{"qid": 1,')
+    with pytest.raises(DataError, match="invalid JSON at line 1"):
+        load_source("vqa_rad", tmp_path, "train")
+
+
+def test_missing_dataset_path_unknown_source_option_and_split(tmp_path: Path, vqa_rad_fixture: Path):
+    with pytest.raises(DataError, match=r"vqa_rad dataset path not found: .*nowhere"):
+        load_source("vqa_rad", tmp_path / "nowhere", "train")
+    with pytest.raises(DataError, match="unknown source 'vqa-rad'; choose one of vqa_rad"):
+        load_source("vqa-rad", tmp_path, "train")
+    with pytest.raises(DataError, match="has no option q_lang; its options: images_dir"):
+        load_source("vqa_rad", vqa_rad_fixture, "train", q_lang="en")
+    with pytest.raises(DataError, match="no split 'validation'; choose one of train, test"):
+        load_source("pubmedqa", tmp_path, "validation")
