@@ -1,0 +1,282 @@
+"""Batched prediction with BiomedGPT's three evaluation modes, on one process or sharded across ranks.
+
+- generate: free decoding through `model.generate()` with the KV cache (greedy or beam, max length, length penalty,
+  no-repeat n-gram).
+- constrained: the same decoding, but a `TrieConstraint` logits processor lets only token sequences of the candidate
+  answers come out; EOS is allowed only where a candidate ends (OFA's `constraint_trie`).
+- score: every candidate is scored by teacher forcing (summed log-probability of its tokens and EOS), in chunks, and
+  the best one is taken (OFA's `eval_vqa_gen` "all-candidate" mode). The encoder runs once per sample; its output is
+  reused for all of the sample's candidates.
+
+Candidates are tokenised exactly like training targets (`Task.target`: leading space, the task's normalisation),
+followed by EOS. In beam search transformers applies logits processors to normalised log-probabilities, so the
+constraint there matches OFA's zero-shot behaviour (masks after normalisation); greedy takes the same argmax either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from scaling.data.records import Record
+from scaling.data.tasks import Task
+
+MODES = ("generate", "constrained", "score")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How predictions are produced (the evaluation part of the config that changes the numbers)."""
+
+    mode: str = "generate"
+    beam: int = 1
+    max_new_tokens: int = 16
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    score_chunk: int = 64
+    """(sample, candidate) pairs per teacher-forced forward pass in score mode."""
+    score_normalize: str = "trie"
+    """score mode: 'trie' renormalises each step's distribution over the tokens the trie allows (OFA), 'vocab' not."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"decoding mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.score_normalize not in ("trie", "vocab"):
+            raise ValueError(f"score_normalize must be 'trie' or 'vocab', got {self.score_normalize!r}")
+
+    def as_dict(self) -> dict:
+        """The settings that matter for this mode, for reports."""
+        keys = {"generate": ("beam", "max_new_tokens", "length_penalty", "no_repeat_ngram_size"),
+                "constrained": ("beam", "max_new_tokens", "length_penalty"),
+                "score": ("score_chunk", "score_normalize")}[self.mode]
+        return {"mode": self.mode, **{k: getattr(self, k) for k in keys}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Candidates and the trie
+
+
+class CandidateTrie:
+    """Prefix tree over candidate token sequences (each ending in EOS): which tokens may follow a prefix."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        self.root: dict[int, dict] = {}
+        for sequence in sequences:
+            node = self.root
+            for token in sequence:
+                node = node.setdefault(int(token), {})
+
+    def allowed(self, prefix: Sequence[int]) -> list[int]:
+        """Tokens that extend `prefix` toward some candidate; empty once a candidate is complete or left."""
+        node = self.root
+        for token in prefix:
+            node = node.get(int(token))
+            if node is None:
+                return []
+        return list(node)
+
+
+@dataclass
+class CandidateSet:
+    """One list of candidate answers, tokenised, with its trie and the way back from tokens to answers."""
+
+    answers: list[str]
+    token_ids: list[list[int]]
+    trie: CandidateTrie
+
+    def answer_for(self, tokens: Sequence[int]) -> str | None:
+        """The candidate whose token sequence (with EOS) `tokens` is, or None."""
+        return self._by_tokens.get(tuple(tokens))
+
+    def __post_init__(self):
+        self._by_tokens = {tuple(t): a for t, a in zip(self.token_ids, self.answers, strict=True)}
+
+
+def build_candidate_set(task: Task, record: Record, answers: Sequence[str], tokenizer) -> CandidateSet:
+    """Tokenise answers as the task formats targets (leading space, normalisation) and append EOS.
+
+    Answers that format to the same text (e.g. "Yes" and "yes" for VQA) are merged, keeping the first spelling.
+    """
+    unique: dict[str, str] = {}
+    for answer in answers:
+        unique.setdefault(task.target(dataclasses.replace(record, target=answer, targets=[answer])), answer)
+    texts = list(unique)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    token_ids = [list(ids) + [tokenizer.eos_token_id] for ids in encoded]
+    return CandidateSet(list(unique.values()), token_ids, CandidateTrie(token_ids))
+
+
+class CandidateCache:
+    """Builds each distinct candidate list once (a VQA dataset shares one list of hundreds of answers)."""
+
+    def __init__(self, task: Task, tokenizer):
+        self.task, self.tokenizer = task, tokenizer
+        self._sets: dict[tuple[str, ...], CandidateSet] = {}
+
+    def __call__(self, record: Record) -> CandidateSet:
+        answers = self.task.candidates(record)
+        if not answers:
+            raise ValueError(f"{record.source or 'dataset'}: record {record.id!r} (index {record.index}) has no "
+                             f"candidate answers, which constrained and score modes need; use eval.mode=generate "
+                             "or a source that provides an answer list")
+        key = tuple(answers)
+        if key not in self._sets:
+            self._sets[key] = build_candidate_set(self.task, record, answers, self.tokenizer)
+        return self._sets[key]
+
+
+class TrieConstraint(LogitsProcessor):
+    """Masks every token that does not continue a candidate of the row's sample (rows are sample × beam)."""
+
+    def __init__(self, tries: Sequence[CandidateTrie], num_beams: int, prompt_length: int, pad_token_id: int):
+        self.tries, self.num_beams, self.prompt_length, self.pad_token_id = list(tries), num_beams, prompt_length, \
+            pad_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, -math.inf)
+        for row, tokens in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            allowed = self.tries[row // self.num_beams].allowed(tokens)
+            # a finished (or padded) row may only continue with padding, which generate() discards
+            mask[row, allowed or [self.pad_token_id]] = 0.0
+        return scores + mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "patch_masks")
+
+
+def encoder_inputs(batch: dict) -> dict:
+    """The batch entries the encoder reads (a collated batch also carries targets and ids)."""
+    return {k: batch[k] for k in ENCODER_KEYS if batch.get(k) is not None}
+
+
+def generate_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_sets: Sequence[CandidateSet] | None,
+                   synced_gpus: bool = False) -> list[str]:
+    """Decode one batch with `model.generate()`; constrained when candidate sets are given (one per sample)."""
+    processors = LogitsProcessorList()
+    if candidate_sets is not None:
+        processors.append(TrieConstraint([c.trie for c in candidate_sets], decoding.beam, 1, tokenizer.pad_token_id))
+    output = model.generate(
+        **encoder_inputs(batch),
+        num_beams=decoding.beam,
+        max_new_tokens=decoding.max_new_tokens,
+        length_penalty=decoding.length_penalty,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size if candidate_sets is None else 0,
+        do_sample=False,
+        logits_processor=processors,
+        synced_gpus=synced_gpus,
+        use_cache=True,
+    )
+    generated = output[:, 1:].tolist()  # drop the decoder start token
+    if candidate_sets is None:
+        return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return [_constrained_answer(tokens, c, tokenizer) for tokens, c in zip(generated, candidate_sets, strict=True)]
+
+
+def _constrained_answer(tokens: list[int], candidates: CandidateSet, tokenizer) -> str:
+    """The candidate a constrained sequence spells; a sequence cut by max_new_tokens before EOS stays partial."""
+    eos = tokenizer.eos_token_id
+    tokens = tokens[:tokens.index(eos) + 1] if eos in tokens else [t for t in tokens if t != tokenizer.pad_token_id]
+    answer = candidates.answer_for(tokens)
+    return answer if answer is not None else tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# All-candidate scoring
+
+
+def _select_samples(encoder_output, index: torch.Tensor, batch_size: int):
+    """Pick rows of every per-sample tensor of the encoder output (batch-1 tensors are shared and kept)."""
+    selected = {}
+    for key, value in encoder_output.items():
+        if isinstance(value, torch.Tensor) and value.shape[0] == batch_size:
+            value = value.index_select(0, index)
+        selected[key] = value
+    return type(encoder_output)(**selected)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def _trie_mask(sequences: Sequence[Sequence[int]], tries: Sequence[CandidateTrie], vocab: int, device) -> torch.Tensor:
+    """(N, T, V) bool: the tokens the trie allows at each teacher-forced step of each sequence."""
+    mask = torch.zeros(len(sequences), max(len(s) for s in sequences), vocab, dtype=torch.bool)
+    for n, (sequence, trie) in enumerate(zip(sequences, tries, strict=True)):
+        for t in range(len(sequence)):
+            mask[n, t, trie.allowed(sequence[:t])] = True
+    return mask.to(device)
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """(N, T, V) logits and (N, T) labels (-100 = none) -> (N,) summed log-probabilities of the labels."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
+    log_probs = F.log_softmax(logits, dim=-1)
+    keep = labels.ne(-100)
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return picked.masked_fill(~keep, 0.0).sum(-1)
+
+
+def score_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_sets: Sequence[CandidateSet],
+                sync_chunks: Callable[[int], int] | None = None) -> tuple[list[str], list[list[float]]]:
+    """Teacher-forced log-probability of every candidate of every sample; returns the argmax answers and all scores.
+
+    `sync_chunks(n) -> max n over ranks` keeps ranks in lockstep under ZeRO-3 (every forward is a collective there):
+    a rank with fewer chunks runs its last chunk again for nothing.
+    """
+    batch_size = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    encoder_output = model.get_encoder()(**encoder_inputs(batch))
+    pairs = [(s, c) for s, cands in enumerate(candidate_sets) for c in range(len(cands.token_ids))]
+    chunks = [pairs[i:i + decoding.score_chunk] for i in range(0, len(pairs), decoding.score_chunk)]
+    total = sync_chunks(len(chunks)) if sync_chunks else len(chunks)
+    scores: list[list[float]] = [[0.0] * len(c.token_ids) for c in candidate_sets]
+    start = model.config.decoder_start_token_id
+    for i in range(total):
+        chunk = chunks[min(i, len(chunks) - 1)]
+        sequences = [candidate_sets[s].token_ids[c] for s, c in chunk]
+        index = torch.tensor([s for s, _ in chunk], device=device)
+        decoder_input_ids = _pad([[start, *seq[:-1]] for seq in sequences], tokenizer.pad_token_id, device)
+        labels = _pad(sequences, -100, device)
+        logits = model(encoder_outputs=_select_samples(encoder_output, index, batch_size),
+                       decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        if i >= len(chunks):
+            continue  # a padding pass that only kept this rank in step with the others
+        allowed = None
+        if decoding.score_normalize == "trie":
+            allowed = _trie_mask(sequences, [candidate_sets[s].trie for s, _ in chunk], logits.shape[-1], device)
+        for (s, c), value in zip(chunk, sequence_log_probs(logits, labels, allowed).tolist(), strict=True):
+            scores[s][c] = value
+    answers = [cands.answers[max(range(len(row)), key=row.__getitem__)] for cands, row in zip(candidate_sets, scores,
+                                                                                             strict=True)]
+    return answers, scores
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One batch, any mode
+
+
+def predict_batch(model, tokenizer, batch: dict, records: Sequence[Record], task: Task, decoding: Decoding,
+                  candidates: CandidateCache | None = None, synced_gpus: bool = False,
+                  sync_chunks: Callable[[int], int] | None = None) -> list[str]:
+    """Predictions for one collated batch of `records` of one task, in the configured mode."""
+    if decoding.mode == "generate":
+        return generate_batch(model, tokenizer, batch, decoding, None, synced_gpus)
+    candidates = candidates or CandidateCache(task, tokenizer)
+    candidate_sets = [candidates(r) for r in records]
+    if decoding.mode == "constrained":
+        return generate_batch(model, tokenizer, batch, decoding, candidate_sets, synced_gpus)
+    answers, _ = score_batch(model, tokenizer, batch, decoding, candidate_sets, sync_chunks)
+    return answers
