@@ -21,7 +21,31 @@ def _add_estimate_memory(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a fairseq or OFA-HF BiomedGPT checkpoint into a save_pretrained dir")
-    p.set_defaults(func=lambda args: _missing("convert"))
+    p.add_argument("source", help="fairseq .pt, HF-port pytorch_model.bin / .safetensors, or a directory holding one")
+    p.add_argument("out_dir", help="output directory (weights, config, tokenizer, conversion.json)")
+    p.add_argument("--bpe-dir", help="tokenizer files (encoder.json+vocab.bpe+dict.txt, or vocab.json+merges.txt); "
+                                     "default: the checkpoint's own directory")
+    p.add_argument("--preset", help="expected size preset; default: inferred from the tensor shapes")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="fairseq weights to convert: the trained model or its EMA copy (--store-ema)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="DANGEROUS: unpickle without the safe allowlist; the file can run code. Trusted files only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from scaling.models.biomedgpt.convert import ConversionError, convert_checkpoint
+    from scaling.safe_load import CheckpointLoadError
+
+    try:
+        report = convert_checkpoint(args.source, args.out_dir, bpe_dir=args.bpe_dir, preset=args.preset,
+                                    weights=args.weights, trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    except (ConversionError, CheckpointLoadError, FileExistsError, FileNotFoundError) as error:
+        print(f"scaling convert: {error}", file=sys.stderr)
+        return 1
+    print(f"converted {report.source} ({report.source_format}, preset {report.preset or 'custom'}) -> {args.out_dir}")
+    return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

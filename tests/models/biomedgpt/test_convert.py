@@ -1,0 +1,235 @@
+"""Checkpoint conversion: fairseq and HF-port names round-trip to an identical model; bad input fails loudly."""
+
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from scaling.cli import main as cli_main
+from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from scaling.models.biomedgpt.convert import (
+    ConversionError,
+    convert_checkpoint,
+    convert_state_dict,
+    dummy_batch,
+    fairseq_key,
+)
+from scaling.models.biomedgpt.tokenization import save_tokenizer, train_bpe_tokenizer
+from scaling.safe_load import CheckpointLoadError
+
+# --- OFA's index buffers, written the way OFA-Sys/OFA models/ofa/unify_transformer.py builds them -----------------
+
+
+def ofa_token_bucket_position(bucket_size: int, max_position: int) -> torch.Tensor:
+    """OFA make_token_bucket_position: exact offsets within +-mid, log-spaced beyond."""
+    context = torch.arange(max_position)[:, None]
+    memory = torch.arange(max_position)[None, :]
+    relative = context - memory
+    sign = torch.sign(relative)
+    mid = bucket_size // 2
+    abs_pos = torch.where((relative < mid) & (relative > -mid), mid - 1, relative.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(abs_pos.le(mid), relative, log_pos.int() * sign).long()
+    return bucket + bucket_size - 1
+
+
+def ofa_image_bucket_position(bucket_size: int) -> torch.Tensor:
+    """OFA make_image_bucket_position: 2-D relative offsets over the grid, 3 extra ids for the cls slot."""
+    num_relative = (2 * bucket_size - 1) ** 2 + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij"))
+    flat = coords.flatten(1)  # (2, B*B)
+    relative = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0) + bucket_size - 1
+    relative[:, :, 0] *= 2 * bucket_size - 1
+    index = torch.zeros((bucket_size * bucket_size + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = relative.sum(-1)
+    index[0, 0:] = num_relative - 3
+    index[0:, 0] = num_relative - 2
+    index[0, 0] = num_relative - 1
+    return index
+
+
+def ofa_image_position_idx(code_image_size: int, bucket_size: int, padding: int) -> torch.Tensor:
+    """The decoder buffer: [0] + code-grid ids + [1024] * padding (769 in OFA main, 768 in the HF port)."""
+    window = code_image_size // 8
+    grid = torch.arange(window)[None, :].expand(window, window) + torch.arange(window)[:, None] * bucket_size + 1
+    return torch.cat([torch.tensor([0]), grid.flatten(), torch.tensor([1024] * padding)])
+
+
+def ofa_buffers(config: BiomedGPTConfig, padding: int) -> dict[str, torch.Tensor]:
+    token = ofa_token_bucket_position(config.token_bucket_size, config.max_positions)
+    image = ofa_image_bucket_position(config.image_bucket_size)
+    return {
+        "encoder.token_rp_bucket": token,
+        "encoder.image_rp_bucket": image,
+        "decoder.token_rp_bucket": token.clone(),
+        "decoder.image_rp_bucket": image.clone(),
+        "decoder.image_position_idx": ofa_image_position_idx(config.code_image_size, config.image_bucket_size, padding),
+    }
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A `test`-preset model with every tensor randomised (norms, zero-init tables and BN statistics included)."""
+    torch.manual_seed(0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test")).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5 if "running_var" in name else torch.randn_like(tensor) * 0.2)
+    return model
+
+
+def fairseq_state_dict(model, padding: int = 769) -> dict[str, torch.Tensor]:
+    """The model's tensors under fairseq names, with version markers and OFA's index buffers."""
+    state_dict = {fairseq_key(k): v.clone() for k, v in model.state_dict().items()}
+    state_dict.update(ofa_buffers(model.config, padding))
+    state_dict["encoder.version"] = torch.tensor([3.0])
+    state_dict["decoder.version"] = torch.tensor([3.0])
+    return state_dict
+
+
+def hf_port_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF-port names (no `model.`), 1025-long image_position_idx, no tied LM head copy."""
+    state_dict = {k.removeprefix("model."): v.clone() for k, v in model.state_dict().items()}
+    del state_dict["decoder.output_projection.weight"]
+    state_dict.update(ofa_buffers(model.config, padding=768))
+    return state_dict
+
+
+def assert_same_model(converted, reference):
+    expected = reference.state_dict()
+    actual = converted.state_dict()
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+    batch = dummy_batch(reference.config)
+    with torch.no_grad():
+        assert torch.equal(converted(**batch).logits, reference(**batch).logits)
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+def test_fairseq_names_follow_the_reference_renames(reference):
+    keys = set(fairseq_state_dict(reference))
+    assert "encoder.layers.0.attn_ln.weight" in keys
+    assert "decoder.layers.1.self_attn_ln.bias" in keys
+    assert "decoder.layers.0.cross_attn_ln.weight" in keys
+    assert "decoder.layers.0.encoder_attn.k_proj.weight" in keys
+    assert "decoder.layers.0.encoder_attn_layer_norm.weight" in keys
+    assert "encoder.layers.1.ffn_layernorm.weight" in keys
+    assert not any("mid_layer_norm" in k or "cross_attn." in k or k.startswith("model.") for k in keys)
+
+
+def test_fairseq_checkpoint_converts_to_identical_model(reference):
+    source = fairseq_state_dict(reference)
+    assert source["decoder.image_position_idx"].shape == (1026,)
+    converted, report = convert_state_dict(source)
+    assert report.source_format == "fairseq" and report.preset == "test"
+    assert set(report.dropped) == {"encoder.version", "decoder.version", *ofa_buffers(reference.config, 769)}
+    assert_same_model(converted, reference)
+
+
+def test_hf_port_checkpoint_converts_to_identical_model(reference):
+    source = hf_port_state_dict(reference)
+    assert source["decoder.image_position_idx"].shape == (1025,)
+    converted, report = convert_state_dict(source, preset="test")
+    assert report.source_format == "hf-port"
+    assert report.filled == {"model.decoder.output_projection.weight": "tied to model.encoder.embed_tokens.weight"}
+    assert_same_model(converted, reference)
+
+
+def test_unknown_and_missing_keys_fail_loudly(reference):
+    source = fairseq_state_dict(reference)
+    source["encoder.layers.0.adapter.fc1.weight"] = torch.zeros(4, 64)
+    del source["decoder.layers.1.fc2.bias"]
+    with pytest.raises(ConversionError) as error:
+        convert_state_dict(source)
+    message = str(error.value)
+    assert "unknown key(s)" in message and "model.encoder.layers.0.adapter.fc1.weight" in message
+    assert "missing key(s)" in message and "model.decoder.layers.1.fc2.bias" in message
+
+
+def test_untied_head_and_foreign_buckets_are_refused(reference):
+    source = fairseq_state_dict(reference)
+    source["decoder.output_projection.weight"] = source["decoder.output_projection.weight"] + 1
+    with pytest.raises(ConversionError, match="output_projection.weight differs from model.encoder.embed_tokens"):
+        convert_state_dict(source)
+    source = fairseq_state_dict(reference)
+    source["encoder.token_rp_bucket"] = ofa_token_bucket_position(8, reference.config.max_positions)
+    with pytest.raises(ConversionError, match="encoder.token_rp_bucket .* differs from the model's own position"):
+        convert_state_dict(source)
+
+
+def test_wrong_preset_lists_the_differences(reference):
+    with pytest.raises(ConversionError, match=r"preset 'tiny': .*d_model: checkpoint 64 vs preset 256"):
+        convert_state_dict(fairseq_state_dict(reference), preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def fairseq_checkpoint_dir(reference, tmp_path_factory):
+    """A fairseq-style checkpoint_best.pt (Namespace args, numpy-free extra_state, EMA) beside its tokenizer files."""
+    directory = tmp_path_factory.mktemp("fairseq_run")
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in fairseq_state_dict(reference).items()}
+    checkpoint = {
+        "args": argparse.Namespace(arch="ofa_test", task="vqa_gen", selected_cols="0,5,2,3,4"),
+        "cfg": None,
+        "model": fairseq_state_dict(reference),
+        "optimizer_history": [{"criterion_name": "AdjustLabelSmoothedCrossEntropyCriterion", "num_updates": 3}],
+        "extra_state": {"train_iterator": {"epoch": 1}, "val_loss": 1.5, "ema": ema},
+    }
+    torch.save(checkpoint, directory / "checkpoint_best.pt")
+    corpus = [" what modality is this? mri", " is the lesion in the left lobe? yes"] * 30
+    save_tokenizer(train_bpe_tokenizer(corpus, vocab_size=300, num_codes=16, num_bins=10), directory)
+    return directory
+
+
+def test_cli_converts_fairseq_checkpoint_end_to_end(reference, fairseq_checkpoint_dir, tmp_path):
+    out = tmp_path / "converted"
+    assert cli_main(["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "conversion.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging directory left behind"
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["source_format"] == "fairseq" and report["preset"] == "test" and report["max_abs_logit_diff"] == 0
+    assert_same_model(BiomedGPTForConditionalGeneration.from_pretrained(out).eval(), reference)
+
+    assert cli_main(["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out)]) == 1  # exists
+    assert cli_main(["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out),
+                     "--weights", "ema", "--overwrite"]) == 0
+    ema_model = BiomedGPTForConditionalGeneration.from_pretrained(out)
+    embedding = ema_model.state_dict()["model.encoder.embed_tokens.weight"]
+    assert torch.equal(embedding, reference.state_dict()["model.encoder.embed_tokens.weight"] * 0.5)
+
+
+def test_cli_refuses_malicious_pickle_without_creating_files(tmp_path, capsys):
+    marker = tmp_path / "created_by_pickle"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"encoder.version": torch.tensor([3.0])}, "payload": Payload()}, tmp_path / "bad.pt")
+    out = tmp_path / "out"
+    assert cli_main(["convert", str(tmp_path / "bad.pt"), str(out), "--bpe-dir", str(tmp_path)]) == 1
+    assert "No tokenizer files" in capsys.readouterr().err  # tokenizer is checked before anything is unpickled
+    save_tokenizer(train_bpe_tokenizer([" a b c"] * 5, vocab_size=270, num_codes=2, num_bins=2), tmp_path)
+    assert cli_main(["convert", str(tmp_path / "bad.pt"), str(out)]) == 1
+    assert "Refused to load" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
+def test_truncated_checkpoint_gives_clear_error(fairseq_checkpoint_dir, tmp_path):
+    data = (fairseq_checkpoint_dir / "checkpoint_best.pt").read_bytes()
+    truncated = tmp_path / "checkpoint_best.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointLoadError, match="truncated or corrupt"):
+        convert_checkpoint(truncated, tmp_path / "out", bpe_dir=fairseq_checkpoint_dir)
+    assert not (tmp_path / "out").exists()
