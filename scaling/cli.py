@@ -55,12 +55,63 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one image (or a text-only task) with a checkpoint")
-    p.set_defaults(func=lambda args: _missing("infer"))
+    p.add_argument("--checkpoint", required=True, help="model directory, run directory (its export/) or PEFT adapter")
+    p.add_argument("--base-checkpoint", help="base model directory when --checkpoint is an adapter")
+    p.add_argument("--task", default="vqa", choices=("vqa", "caption", "classify", "nli", "summarize", "qa"))
+    p.add_argument("--image", help="image file (vqa, caption, classify)")
+    p.add_argument("--question", help="question (vqa, qa)")
+    p.add_argument("--text1", help="premise (nli)")
+    p.add_argument("--text2", help="hypothesis (nli)")
+    p.add_argument("--text", help="article to summarize (summarize)")
+    p.add_argument("--context", help="passage the question is about (qa)")
+    p.add_argument("--candidates", help="comma-separated answers to constrain or score over (vqa, classify)")
+    p.add_argument("--mode", default="auto", choices=("auto", "generate", "constrained", "score"),
+                   help="auto: the task's BiomedGPT decoding")
+    p.add_argument("--beam", type=int, default=1, help="beam size (generate/constrained modes)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (with candidate scores)")
+    p.set_defaults(func=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    import json
+
+    from scaling.config import EvalArgs
+    from scaling.evaluation.checkpoints import CheckpointNotFound
+    from scaling.evaluation.infer import infer
+
+    fields = {"question": args.question, "sentence1": args.text1, "sentence2": args.text2, "source": args.text,
+              "context": args.context}
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    eval_args = EvalArgs(mode=args.mode, beam=args.beam, max_new_tokens=args.max_new_tokens)
+    try:
+        result = infer(args.checkpoint, args.task, {k: v for k, v in fields.items() if v}, args.image, candidates,
+                       eval_args, args.base_checkpoint)
+    except (CheckpointNotFound, FileNotFoundError, ValueError) as error:
+        print(f"scaling infer: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else result["prediction"])
+    return 0
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="merge several report.json files into one comparison report")
-    p.set_defaults(func=lambda args: _missing("report"))
+    p.add_argument("reports", nargs="+", help="report.json files or the directories holding them")
+    p.add_argument("--out", required=True, help="directory for the merged report.json / report.md / report.html")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from scaling.evaluation.report import merge_reports
+
+    try:
+        merged = merge_reports(args.reports, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"scaling report: {error}", file=sys.stderr)
+        return 1
+    print(f"merged {len(merged['evaluations'])} evaluations from {len(args.reports)} reports -> "
+          f"{args.out}/report.html")
+    return 0
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -249,10 +249,16 @@ class PeftArgs:
 class EvalArgs:
     """Evaluation and reports."""
 
-    mode: Literal["generate", "constrained", "score"] = "generate"
-    """generate: free decoding; constrained: decoding limited to a candidate trie; score: rank every candidate."""
+    mode: Literal["auto", "generate", "constrained", "score"] = "auto"
+    """auto: each task's BiomedGPT decoding (VQA constrained greedy, captions beam 10, labels scored, ...; the other
+    eval.* decoding values are then unused); generate: free decoding; constrained: decoding limited to a candidate
+    trie; score: rank every candidate by teacher-forced log-probability."""
     checkpoints: list[str] = field(default_factory=list)
-    """Checkpoint directories to evaluate side by side (empty: the run's own export)."""
+    """Checkpoint directories to evaluate side by side (empty: model.checkpoint, else the run's export)."""
+    base_checkpoint: str | None = None
+    """Base model directory for checkpoints that are PEFT adapters (dirs with adapter_config.json)."""
+    output_dir: str | None = None
+    """Where report.json/.md/.html and predictions/ go (None: <train.output_dir>/eval)."""
     batch_size: int = 32
     """Samples per generation batch."""
     beam: int = 1
@@ -266,7 +272,9 @@ class EvalArgs:
     max_samples: int | None = None
     """Evaluate at most this many samples per source (None: all)."""
     score_chunk: int = 64
-    """Candidates scored per forward pass in score mode."""
+    """(sample, candidate) pairs scored per forward pass in score mode."""
+    score_normalize: Literal["trie", "vocab"] = "trie"
+    """score mode: trie renormalises each step over the tokens the candidate trie allows (OFA); vocab does not."""
     report_samples: int = 24
     """Samples shown in the report's table."""
 

@@ -231,3 +231,13 @@ def compute_metrics(task: str, predictions: Sequence[str], records: Sequence[Rec
         raise ValueError(f"{task}: {len(unlabeled)} record(s) have no reference answer (first: {unlabeled[0]!r}); "
                          "evaluate on a labelled split")
     return {"task": task, "n": len(records), **METRIC_FAMILIES[task](predictions, records)}
+
+
+def sample_hits(task: str, predictions: Sequence[str], records: Sequence[Record]) -> list[bool | None]:
+    """Per-sample correctness for exact-match tasks (VQA, labels); None for generated text, which has no verdict."""
+    if task == "vqa":
+        return vqa_hits(predictions, records)
+    if METRIC_FAMILIES.get(task) is label_metrics:
+        return [normalize_vqa_answer(p) == normalize_vqa_answer(r.target)
+                for p, r in zip(predictions, records, strict=True)]
+    return [None] * len(records)

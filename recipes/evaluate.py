@@ -1,0 +1,111 @@
+"""Zero-shot or fine-tuned evaluation of one or several checkpoints on one or several datasets → a report.
+
+    python recipes/evaluate.py model.checkpoint=runs/instruct/export
+    accelerate launch --num_processes 2 recipes/evaluate.py --config recipes/configs/biomedgpt/tiny_instruct.yaml \
+        'eval.checkpoints=[runs/base/export, runs/large/export]' \
+        'data.eval_sources=[{name: vqa_rad, path: data/vqa_rad, split: test}]' eval.mode=constrained
+
+Writes report.json / report.md / report.html and predictions/*.jsonl into eval.output_dir (default
+<train.output_dir>/eval). Without eval_sources the held-out split of the embedded synthetic data (all six tasks) is
+used. Checkpoints may be save_pretrained directories, run directories (their export/), or PEFT adapter directories
+on eval.base_checkpoint. eval.mode: auto (each task's BiomedGPT decoding), generate, constrained or score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+from scaling.config import Config, Runtime, load_config
+from scaling.data.records import Record
+from scaling.evaluation.checkpoints import load_for_eval
+from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
+from scaling.logging import get_logger, setup_logging
+from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, uses_deepspeed
+
+log = get_logger("recipes.evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (recipes/configs/...); key=value overrides follow")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.mode=score eval.batch_size=8")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return cfg.validate(Runtime.from_env(), source=args.config)
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+
+
+def checkpoints_to_evaluate(cfg: Config) -> list[str]:
+    """eval.checkpoints, else model.checkpoint, else the run's own export."""
+    return cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
+
+
+def load_datasets(cfg: Config, accelerator) -> dict[str, list[Record]]:
+    """{name: records} of the evaluation sources (at most eval.max_samples each), read once per node first."""
+    from scaling.data.sources import load_source
+
+    with accelerator.main_process_first():
+        sources = [(f"{s.name}/{s.split}", s.name, s.path, s.split, s.options) for s in cfg.data.eval_sources]
+        datasets = {}
+        for label, name, path, split, options in sources or synthetic_sources(cfg):
+            result = load_source(name, path, split, on_bad_record=cfg.data.on_bad_record, **options)
+            if result.n_skipped:
+                log.warning("%s: skipped %d records (%s)", label, result.n_skipped, dict(result.skipped))
+            records = result.records[: cfg.eval.max_samples]
+            if not records:
+                raise ValueError(f"{name} ({path}, split {split}) has no usable records to evaluate")
+            datasets[label] = records
+    return datasets
+
+
+def synthetic_sources(cfg: Config) -> list[tuple]:
+    """The test split of the embedded synthetic data, one source per task."""
+    from scaling.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(Path(cfg.data.cache_dir) / "synthetic", n_images=cfg.data.synthetic_images,
+                              seed=cfg.train.seed)
+    return [(f"synthetic/{task}", s.loader, s.path, "test", s.options) for task, s in data.sources.items()]
+
+
+def prepare_model(model, accelerator, cfg: Config):
+    """DeepSpeed shards the model (ZeRO-3 for models larger than one device); otherwise each rank holds a copy."""
+    if uses_deepspeed(accelerator):
+        fill_deepspeed_auto(accelerator, cfg)
+        return accelerator.prepare(model)
+    return model.to(accelerator.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    out_dir = output_dir(cfg)
+    accelerator = build_accelerator(cfg)
+    setup_logging(out_dir, cfg.logging.level)
+    start = time.perf_counter()
+    datasets = load_datasets(cfg, accelerator)
+    log.info("evaluating %s on %s", ", ".join(checkpoints_to_evaluate(cfg)),
+             ", ".join(f"{name} ({len(r)})" for name, r in datasets.items()))
+    evaluations = []
+    for path in checkpoints_to_evaluate(cfg):
+        model, tokenizer, info = load_for_eval(path, cfg.eval.base_checkpoint)
+        collator = eval_collator(tokenizer, cfg, model.config)
+        model = prepare_model(model, accelerator, cfg)
+        for name, records in datasets.items():
+            evaluations.append(evaluate_dataset(model, tokenizer, records, name, cfg, accelerator, collator, info,
+                                                out_dir))
+        del model
+        accelerator.free_memory()
+        gc.collect()
+    finish_report(evaluations, cfg, accelerator, out_dir, time.perf_counter() - start)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

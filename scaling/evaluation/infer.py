@@ -1,0 +1,63 @@
+"""Single-sample inference: one image and question (or a text-only task) through a checkpoint.
+
+    answer = infer("runs/instruct/export", "vqa", image="scan.jpg", question="is there a lesion?")
+    answer = infer(ckpt, "nli", text={"sentence1": "...", "sentence2": "..."})   # scored over yes / no / maybe
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from scaling.config import EvalArgs
+from scaling.data.records import ImageRef, Record
+from scaling.data.tasks import get_task
+from scaling.evaluation.checkpoints import load_for_eval
+from scaling.evaluation.generate import CandidateCache, generate_batch, score_batch
+from scaling.evaluation.runner import decoding_for
+
+
+def make_record(task_name: str, text: dict[str, str], image: str | Path | None = None,
+                candidates: Sequence[str] | None = None) -> Record:
+    """An unlabeled record, checked like dataset records (missing image or text field → a clear error)."""
+    task = get_task(task_name)
+    if image is not None and not Path(image).is_file():
+        raise FileNotFoundError(f"image {image} does not exist")
+    record = Record(id="input", task=task.name, image=ImageRef(Path(image)) if image else None, text=dict(text),
+                    target=None, candidates=list(candidates) if candidates else None, source="command line")
+    missing = [k for k in task.text_fields if not record.text.get(k, "").strip()]
+    if missing:
+        raise ValueError(f"task {task.name} needs the text field(s) {', '.join(missing)}")
+    if task.needs_image and record.image is None:
+        raise ValueError(f"task {task.name} needs an image (--image)")
+    return record
+
+
+def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = None, image: str | Path | None = None,
+          candidates: Sequence[str] | None = None, args: EvalArgs | None = None, base: str | Path | None = None,
+          device: str | None = None) -> dict:
+    """{"prediction", "prompt", "mode", "scores" (score mode: log-probability per candidate)} for one input."""
+    from scaling.data.collate import Collator
+
+    args = args or EvalArgs()
+    record = make_record(task_name, text or {}, image, candidates)
+    task = get_task(record.task)
+    model, tokenizer, _ = load_for_eval(checkpoint, base)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    decoding = decoding_for(task, args)
+    if decoding.mode != "generate" and not task.candidates(record):
+        decoding = decoding_for(task, EvalArgs(**{**args.__dict__, "mode": "generate"}))
+    collator = Collator(tokenizer, model.config.image_size, 1024, 8, "none")
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator([record]).items()}
+    out = {"prompt": task.prompt(record), "mode": decoding.mode}
+    with torch.no_grad():
+        if decoding.mode == "score":
+            candidate_set = CandidateCache(task, tokenizer)(record)
+            answers, scores = score_batch(model, tokenizer, batch, decoding, [candidate_set])
+            return {**out, "prediction": answers[0], "scores": dict(zip(candidate_set.answers, scores[0],
+                                                                          strict=True))}
+        sets = [CandidateCache(task, tokenizer)(record)] if decoding.mode == "constrained" else None
+        return {**out, "prediction": generate_batch(model, tokenizer, batch, decoding, sets)[0]}

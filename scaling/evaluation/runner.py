@@ -1,0 +1,237 @@
+"""Evaluate a model on datasets of records, sharded across ranks, and write the report.
+
+    metrics = evaluate_model(model, tokenizer, records, cfg, accelerator, out_dir)   # training recipes call this
+    metrics["vqa/closed_accuracy"], metrics["vqa/open_accuracy"]
+
+Samples are split across processes by accelerate's sharded DataLoader; the last batch is padded with repeated
+samples so every rank runs the same number of batches (ZeRO-3 needs every forward on every rank), and
+`gather_for_metrics` drops the repeats. Each gathered batch carries the samples' indices, so the predictions are put
+back in dataset order and checked complete and unique: N processes give exactly the predictions of one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.progress import track
+from torch.utils.data import DataLoader
+
+from scaling.config import Config, EvalArgs
+from scaling.data.records import Record
+from scaling.data.tasks import Task, get_task
+from scaling.evaluation.generate import CandidateCache, Decoding, predict_batch
+from scaling.evaluation.metrics import compute_metrics, sample_hits
+from scaling.evaluation.report import (
+    new_report,
+    records_fingerprint,
+    sample_rows,
+    write_predictions,
+    write_report,
+)
+from scaling.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def decoding_for(task: Task, args: EvalArgs) -> Decoding:
+    """eval.mode=auto takes the task's BiomedGPT decoding (tasks.py); an explicit mode takes the eval.* values."""
+    if args.mode == "auto":
+        d = task.decoding
+        mode = "score" if d.score_candidates else "constrained" if d.constrained else "generate"
+        return Decoding(mode=mode, beam=d.beam, max_new_tokens=d.max_len, length_penalty=d.lenpen,
+                        no_repeat_ngram_size=d.no_repeat_ngram, score_chunk=args.score_chunk,
+                        score_normalize=args.score_normalize)
+    return Decoding(mode=args.mode, beam=args.beam, max_new_tokens=args.max_new_tokens,
+                    length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    score_chunk=args.score_chunk, score_normalize=args.score_normalize)
+
+
+def _fallback_without_candidates(decoding: Decoding, records: Sequence[Record], task: Task, name: str,
+                                 explicit: bool) -> Decoding:
+    """Auto mode decodes freely when a dataset has no answer list (instruction data); an explicit mode refuses."""
+    if decoding.mode == "generate" or all(task.candidates(r) for r in records):
+        return decoding
+    if explicit:
+        missing = next(r for r in records if not task.candidates(r))
+        raise ValueError(f"{name}: eval.mode={decoding.mode} needs candidate answers, but record {missing.id!r} "
+                         f"({missing.source}, index {missing.index}) has none; use eval.mode=generate or auto")
+    log.warning("%s: no candidate answers in the records, decoding freely instead of %s", name, decoding.mode)
+    return Decoding(mode="generate", beam=decoding.beam, max_new_tokens=decoding.max_new_tokens,
+                    length_penalty=decoding.length_penalty, no_repeat_ngram_size=decoding.no_repeat_ngram_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded prediction
+
+
+def _index_loader(records: Sequence[Record], collator, batch_size: int) -> DataLoader:
+    """Batches of records collated for the model, each carrying the dataset positions of its samples."""
+    def collate(indices: list[int]) -> dict:
+        return {**collator([records[i] for i in indices]), "index": torch.tensor(indices)}
+
+    return DataLoader(list(range(len(records))), batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def _chunk_synchronizer(accelerator: Accelerator):
+    """max over ranks of a local count (score mode under ZeRO-3 runs that many forwards on every rank)."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def sync(count: int) -> int:
+        return int(accelerator.gather(torch.tensor([count], device=accelerator.device)).max())
+
+    return sync
+
+
+def predict_records(model, tokenizer, records: Sequence[Record], task: Task, decoding: Decoding,
+                    accelerator: Accelerator, collator, batch_size: int, description: str = "evaluating",
+                    progress: bool = True) -> list[str]:
+    """Predictions for `records` in their order, computed on every rank's shard and gathered without repeats."""
+    loader = accelerator.prepare_data_loader(_index_loader(records, collator, batch_size))
+    generator = accelerator.unwrap_model(model)
+    synced = accelerator.num_processes > 1  # ranks stop generating at different lengths; ZeRO-3 needs lockstep
+    candidates = CandidateCache(task, tokenizer)
+    positions, predictions = [], []
+    was_training = generator.training
+    generator.eval()
+    steps = track(loader, description=description, disable=not (progress and accelerator.is_main_process),
+                  transient=True)
+    with torch.no_grad():
+        for batch in steps:
+            indices = batch["index"].tolist()
+            texts = predict_batch(generator, tokenizer, batch, [records[i] for i in indices], task, decoding,
+                                  candidates, synced_gpus=synced, sync_chunks=_chunk_synchronizer(accelerator))
+            positions += accelerator.gather_for_metrics(indices, use_gather_object=True)
+            predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
+    generator.train(was_training)
+    return _in_dataset_order(positions, predictions, len(records))
+
+
+def _in_dataset_order(positions: list[int], predictions: list[str], n: int) -> list[str]:
+    ordered: list[str | None] = [None] * n
+    for position, prediction in zip(positions, predictions, strict=True):
+        if ordered[position] is not None:
+            raise RuntimeError(f"sample {position} was predicted twice after gathering; the sharded loader "
+                               "padded more than gather_for_metrics removed")
+        ordered[position] = prediction
+    missing = [i for i, p in enumerate(ordered) if p is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples were never predicted (first: {missing[0]})")
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One (checkpoint, dataset) evaluation → one report entry
+
+
+def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg: Config, accelerator: Accelerator,
+                     collator, checkpoint: dict, out_dir: str | Path, dataset_info: dict | None = None) -> dict:
+    """Predict, score and describe one dataset of one task: the evaluation entry of report.json."""
+    task = get_task(records[0].task)
+    mixed = sorted({r.task for r in records} - {task.name})
+    if mixed:
+        raise ValueError(f"{name}: one dataset must hold one task, found {task.name} and {', '.join(mixed)}")
+    decoding = _fallback_without_candidates(decoding_for(task, cfg.eval), records, task, name,
+                                            explicit=cfg.eval.mode != "auto")
+    start = time.perf_counter()
+    predictions = predict_records(model, tokenizer, records, task, decoding, accelerator, collator,
+                                  cfg.eval.batch_size, f"{checkpoint['name']} · {name}", cfg.logging.progress)
+    seconds = time.perf_counter() - start
+    evaluation = {
+        "run": 0, "checkpoint": checkpoint,
+        "dataset": {"name": name, "n": len(records), "fingerprint": records_fingerprint(records),
+                    **(dataset_info or {})},
+        "task": task.name, "mode": decoding.mode, "decoding": decoding.as_dict(), "primary": task.metrics[0],
+        "timing": {"seconds": seconds, "samples_per_s": len(records) / max(seconds, 1e-9),
+                   "processes": accelerator.num_processes},
+        "predictions": predictions,
+    }
+    if accelerator.is_main_process:
+        metrics = compute_metrics(task.name, predictions, records)
+        hits = sample_hits(task.name, predictions, records)
+        file = Path(out_dir) / "predictions" / f"{_slug(checkpoint['name'])}__{_slug(name)}.jsonl"
+        write_predictions(file, records, predictions, hits)
+        evaluation.update(metrics=metrics, predictions_file=str(file.relative_to(out_dir)),
+                          samples=sample_rows(records, predictions, hits, cfg.eval.report_samples))
+        log.info("%s on %s: %s", checkpoint["name"], name,
+                 ", ".join(f"{k}={v:.2f}" for k, v in metrics["scores"].items()))
+    return evaluation
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def group_by_task(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """{task: records}, in order of first appearance."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.task, []).append(record)
+    return groups
+
+
+def model_info(model, name: str, path: str | None = None, fingerprint: str | None = None) -> dict:
+    """The checkpoint entry of a report; parameters counted as stored (ZeRO-3 shards report their full size)."""
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return {"name": name, "path": path, "fingerprint": fingerprint, "parameters": parameters}
+
+
+def run_entry(cfg: Config, accelerator: Accelerator, seconds: float) -> dict:
+    """The `runs` entry of a report: config, environment, total time."""
+    import transformers
+
+    return {"config": cfg.to_dict(), "timing": {"total_s": seconds},
+            "environment": {"processes": accelerator.num_processes, "device": str(accelerator.device),
+                            "distributed_type": str(accelerator.distributed_type),
+                            "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
+                            "transformers": transformers.__version__}}
+
+
+def finish_report(evaluations: list[dict], cfg: Config, accelerator: Accelerator, out_dir: str | Path,
+                  seconds: float) -> dict[str, Path] | None:
+    """Write report.json/.md/.html on the main process (predictions live in their own files, not in the report)."""
+    if not accelerator.is_main_process:
+        return None
+    entries = [{k: v for k, v in e.items() if k != "predictions"} for e in evaluations]
+    paths = write_report(new_report([run_entry(cfg, accelerator, seconds)], entries), out_dir)
+    log.info("report: %s", paths["html"])
+    return paths
+
+
+def flat_metrics(evaluations: list[dict]) -> dict[str, float]:
+    """{"<dataset>/<score>": value} of every evaluation that has metrics (the main process's view)."""
+    out = {}
+    for e in evaluations:
+        for key, value in e.get("metrics", {}).get("scores", {}).items():
+            out[f"{e['dataset']['name']}/{key}"] = value
+    return out
+
+
+def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Sequence[Record]], cfg: Config,
+                   accelerator: Accelerator, out_dir: str | Path, collator=None, name: str | None = None) -> dict:
+    """Evaluate an (already prepared) model on records of one or several tasks, write the report into `out_dir`.
+
+    `records` is a list (grouped by task, each group named after its task) or {dataset name: records}. Every rank
+    must call this; the returned metrics are complete on the main process ({} elsewhere).
+    """
+    start = time.perf_counter()
+    datasets = dict(records) if isinstance(records, dict) else group_by_task(records)
+    collator = collator or eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config)
+    checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
+                            cfg.model.checkpoint)
+    evaluations = [evaluate_dataset(model, tokenizer, list(recs), dataset, cfg, accelerator, collator, checkpoint,
+                                    out_dir) for dataset, recs in datasets.items() if recs]
+    finish_report(evaluations, cfg, accelerator, out_dir, time.perf_counter() - start)
+    return flat_metrics(evaluations)
+
+
+def eval_collator(tokenizer, cfg: Config, model_config):
+    """The training collator, at the model's resolution, with the configured prompt layout."""
+    from scaling.data.collate import Collator
+
+    return Collator(tokenizer, model_config.image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
+                    cfg.data.prompt_type)
