@@ -284,3 +284,82 @@ def test_biomedgpt_tsv_write_refuses_mixed_tasks(tmp_path: Path, make_image):
     records = tsv_records(tmp_path, make_image)
     with pytest.raises(DataError, match="one TSV holds one task"):
         biomedgpt_tsv.write(records["nli"] + records["qa"], tmp_path / "mixed.tsv")
+
+
+# ---- cache, inspect, convert ------------------------------------------------------------------------------------
+
+
+def test_cache_returns_equal_records_and_follows_file_changes(vqa_rad_fixture: Path, tmp_path: Path):
+    import os
+
+    cache = tmp_path / "cache"
+    first = load_source("vqa_rad", vqa_rad_fixture, "train", cache_dir=cache)
+    assert first.records == load_source("vqa_rad", vqa_rad_fixture, "train").records
+    file = vqa_rad_fixture / "VQA_RAD Dataset Public.json"
+    stat = file.stat()
+    file.write_text(file.read_text().replace("Is the brain", "Is the BRAIN"))  # same size
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cached = load_source("vqa_rad", vqa_rad_fixture, "train", cache_dir=cache)
+    assert cached.records == first.records  # same name, size and time: served from the cache
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    fresh = load_source("vqa_rad", vqa_rad_fixture, "train", cache_dir=cache)
+    assert fresh.records[0].text["question"] == "Is the BRAIN normal?"
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_cache_keeps_embedded_images_and_skip_counts(tmp_path: Path):
+    (tmp_path / "train.tsv").write_text(f"{base64.b64encode(b'abc').decode()}\t0\tadipose\nbroken row\n")
+    first = load_source("biomedgpt_tsv", tmp_path, "train", task="classify", cache_dir=tmp_path / "c")
+    again = load_source("biomedgpt_tsv", tmp_path, "train", task="classify", cache_dir=tmp_path / "c")
+    assert again.records == first.records and again.records[0].image.read_bytes() == b"abc"
+    assert again.skipped == first.skipped == Counter({"wrong column count": 1})
+
+
+def test_inspect_counts_and_formats_samples(vqa_rad_fixture: Path):
+    from scaling.data.sources.summary import inspect_source
+
+    train, test = inspect_source("vqa_rad", vqa_rad_fixture, n_samples=5)
+    assert (train.n_records, test.n_records) == (3, 1)
+    assert train.answer_types == Counter({"CLOSED": 2, "OPEN": 1})
+    assert train.samples[0] == ("0", " is the brain normal?", " yes")
+    (missing,) = inspect_source("slake", vqa_rad_fixture, ["test"])
+    assert missing.missing and "test" in missing.missing
+
+
+def test_cli_inspect_and_convert_round_trip(vqa_rad_fixture: Path, tmp_path: Path, capsys):
+    from scaling.cli import main
+
+    assert main(["data", "inspect", "vqa_rad", "--path", str(vqa_rad_fixture), "--split", "train"]) == 0
+    shown = capsys.readouterr().out
+    assert "vqa_rad: splits" in shown and "CLOSED 2" in shown and "' is the brain normal?'" in shown
+    out = tmp_path / "out" / "train.tsv"
+    assert main(["data", "convert", "vqa_rad", "--path", str(vqa_rad_fixture), "--to", "tsv", "--out", str(out)]) == 0
+    back = load_source("biomedgpt_tsv", out.parent, "train", task="vqa").records
+    original = load_source("vqa_rad", vqa_rad_fixture, "train").records
+    assert [(r.id, r.target) for r in back] == [(r.id, r.target) for r in original]
+    assert back[0].image.read_bytes() == original[0].image.read_bytes()
+    assert main(["data", "inspect", "vqa_rad", "--path", str(tmp_path / "absent")]) == 2
+    assert "dataset path not found" in capsys.readouterr().err
+
+
+def test_convert_to_instructions_reads_back_as_llava_med(vqa_rad_fixture: Path, tmp_path: Path):
+    from scaling.data.sources.summary import convert_source
+
+    written = convert_source("vqa_rad", vqa_rad_fixture, "train", "instruct", tmp_path / "instruct" / "train.json")
+    assert written["rows"] == 3 and written["reload"]["source"] == "llava_med"
+    back = load_source("llava_med", tmp_path / "instruct" / "train.json", "train").records
+    assert [r.target for r in back] == ["yes", "2", "yes"]
+    assert [r.answer_type for r in back] == ["CLOSED", "OPEN", "CLOSED"]
+    assert all(r.image.path.is_file() for r in back)
+
+
+def test_llava_med_bad_conversations_are_skipped_not_fatal(tmp_path: Path, make_json, make_image):
+    make_image(tmp_path / "images" / "f.png")
+    exchange = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "That."}]
+    make_json(tmp_path / "train.json", [
+        {"id": "a", "image": "f.png", "conversations": [{"from": "human", "value": "Hi?"}]},
+        {"id": "b", "image": "f.png", "conversations": exchange},
+        {"id": "c", "conversations": exchange}])
+    result = load_source("llava_med", tmp_path, "train")
+    assert [r.id for r in result.records] == ["b-0"]
+    assert result.skipped == Counter({"missing answer": 1, "missing image": 1})

@@ -2,7 +2,8 @@
 
 `load_source("vqa_rad", path, "train")` → LoadResult(records, skipped). Every source takes the common options
 `on_bad_record` ('skip' counts bad records by reason, 'error' stops at the first one with the file, record, field
-and fix), `verify_images` (decode every image once while loading) and `max_pixels`, plus its own (see each module).
+and fix), `verify_images` (decode every image once while loading), `max_pixels` and `cache_dir` (keep the loaded
+records as an Arrow table keyed by the files' fingerprint, see cache.py), plus its own (see each module).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scaling.data.sources import (
     slake,
     vqa_rad,
 )
+from scaling.data.sources.cache import cached_load, fingerprint
 from scaling.data.sources.common import make_collector
 
 
@@ -62,7 +64,8 @@ def get_source(name: str) -> Source:
 
 
 def load_source(name: str, path: str | Path, split: str, *, on_bad_record: str = "skip",
-                verify_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, **options) -> LoadResult:
+                verify_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | Path | None = None,
+                **options) -> LoadResult:
     """Records of one split of a dataset in its native format, and the count of skipped records per reason."""
     source = get_source(name)
     unknown = sorted(set(options) - set(source.options()))
@@ -70,6 +73,13 @@ def load_source(name: str, path: str | Path, split: str, *, on_bad_record: str =
         raise DataError(f"source {name!r} has no option {', '.join(unknown)}; "
                         f"its options: {', '.join(source.options()) or 'none'}")
     path = check_path(path, f"{name} dataset path", "pass the folder (or file) of the dataset release")
-    out = make_collector(on_bad_record, verify_images, max_pixels)
-    source.load(path, split, out, **options)
-    return out.result()
+
+    def load() -> LoadResult:
+        out = make_collector(on_bad_record, verify_images, max_pixels)
+        source.load(path, split, out, **options)
+        return out.result()
+
+    if cache_dir is None:
+        return load()
+    settings = {**options, "on_bad_record": on_bad_record, "verify_images": verify_images, "max_pixels": max_pixels}
+    return cached_load(load, cache_dir, f"{name}-{split}-{fingerprint(name, path, split, settings, Path(cache_dir))}")

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scaling.data.records import BadRecord, ImageRef, Record, RecordCollector, SplitNotFound, require_text
+from scaling.data.records import (
+    BadRecord,
+    ImageRef,
+    Record,
+    RecordCollector,
+    SplitNotFound,
+    normalize_answer_type,
+    require_text,
+)
 from scaling.data.sources.common import as_row, find_split_file, read_json
 
 NAME = "llava_med"
@@ -28,6 +36,7 @@ def load(path: Path, split: str, out: RecordCollector, images_dir: str | None = 
     image_root = Path(images_dir) if images_dir else file.parent / "images"
     rows = read_json(file)
     for index, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        records = []  # stays empty when the conversation itself is bad (and skipped)
         with out.reading(file, index):
             records = conversation_records(as_row(row), index, file, image_root)
         for record in records:
@@ -50,12 +59,19 @@ def conversation_records(row: dict, index: int, file: Path, image_root: Path) ->
             records.append(Record(
                 id=f"{base_id}-{len(records)}", task=TASK, image=image,
                 text={"question": strip_image_token(question), "context": "\n".join(context)},
-                target=answer, attributes={"turn": len(records), "modality": modality(row.get("domain"))},
+                target=answer, answer_type=answer_type(row),
+                attributes={"turn": len(records), "modality": modality(row.get("domain")),
+                            "category": row.get("category"), "source_task": row.get("task")},
                 source=str(file), index=index))
         context.append(f"{ROLES.get(role, role)}: {strip_image_token(question)}")
     if not records:
         raise BadRecord("missing answer", "conversations", "alternate human and gpt turns")
     return records
+
+
+def answer_type(row: dict) -> str | None:
+    """OPEN/CLOSED when the file says (instruction files written by scaling.data.instruct do), else None."""
+    return normalize_answer_type(row["answer_type"]) if row.get("answer_type") is not None else None
 
 
 def strip_image_token(text: str) -> str:
