@@ -116,7 +116,62 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="inspect a dataset in its native format, or convert it to TSV / instructions")
-    p.set_defaults(func=lambda args: _missing("data"))
+    actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("source", help="native format: vqa_rad, slake, pathvqa, caption_tsv, iu_xray_r2gen, medmnist, "
+                                       "image_folder, mednli, meqsum, pubmedqa, biomedgpt_tsv, llava_med")
+    common.add_argument("--path", required=True, help="the dataset folder (or file) as released")
+    common.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="source option, e.g. q_lang=zh, task=vqa, flag=pathmnist (repeatable)")
+    common.add_argument("--on-bad-record", choices=("skip", "error"), default="skip",
+                        help="skip and count unusable records, or stop at the first with its file, index and fix")
+    common.add_argument("--verify-images", action="store_true", help="decode every image once while loading")
+    inspect = actions.add_parser("inspect", parents=[common], help="split sizes, counts and formatted samples")
+    inspect.add_argument("--split", action="append", help="split(s) to show (default: all)")
+    inspect.add_argument("--samples", type=int, default=3, help="formatted samples per split")
+    inspect.set_defaults(func=_run_data_inspect)
+    convert = actions.add_parser("convert", parents=[common], help="write a split as BiomedGPT TSV or instructions")
+    convert.add_argument("--split", default="train", help="split to convert (default: train)")
+    convert.add_argument("--to", choices=("tsv", "instruct"), required=True, help="output format")
+    convert.add_argument("--out", required=True, help="output file (.tsv, or .json for instruct)")
+    convert.add_argument("--seed", type=int, default=0, help="instruction template/option sampling seed")
+    convert.set_defaults(func=_run_data_convert)
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    from scaling.data.sources.summary import parse_options
+
+    return {**parse_options(args.option), "on_bad_record": args.on_bad_record, "verify_images": args.verify_images}
+
+
+def _run_data_inspect(args: argparse.Namespace) -> int:
+    from scaling.data.images import ImageError
+    from scaling.data.records import DataError
+    from scaling.data.sources.summary import inspect_source, render_summaries
+
+    try:
+        summaries = inspect_source(args.source, args.path, args.split, args.samples, **_data_options(args))
+    except (DataError, ImageError) as error:
+        print(f"scaling data inspect: {error}", file=sys.stderr)
+        return 2
+    render_summaries(args.source, summaries)
+    return 0
+
+
+def _run_data_convert(args: argparse.Namespace) -> int:
+    from scaling.data.images import ImageError
+    from scaling.data.records import DataError
+    from scaling.data.sources.summary import convert_source
+
+    try:
+        written = convert_source(args.source, args.path, args.split, args.to, args.out, args.seed,
+                                 **_data_options(args))
+    except (DataError, ImageError) as error:
+        print(f"scaling data convert: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {written['rows']:,} records to {written['file']} (skipped: {written['skipped'] or 'none'}); "
+          f"read back with source {written['reload']['source']!r}")
+    return 0
 
 
 def _missing(name: str) -> int:
