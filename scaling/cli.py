@@ -50,7 +50,23 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate a run's checkpoint (any ZeRO stage, PEFT merge) into a model dir")
-    p.set_defaults(func=lambda args: _missing("export"))
+    p.add_argument("run_dir", help="the run directory (train.output_dir) holding checkpoints/ and config.yaml")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest complete one)")
+    p.add_argument("--merge", action="store_true", help="PEFT runs: also write the model with adapters merged in")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scaling.training.checkpoint import CheckpointError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.run_dir, args.out, args.checkpoint, args.merge)
+    except CheckpointError as err:
+        print(f"scaling export: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:

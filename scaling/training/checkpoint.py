@@ -195,33 +195,49 @@ def save_run_model_info(run_dir: str | os.PathLike, model_config, tokenizer) -> 
 
 
 def export_from_run(accelerator: Accelerator, model, tokenizer, out_dir: str | os.PathLike, merge: bool = True) -> Path:
-    """Gather the trained weights (any ZeRO stage) and write save_pretrained + tokenizer (every rank calls this)."""
+    """Gather the trained weights (any ZeRO stage) and write save_pretrained + tokenizer (every rank calls this).
+
+    PEFT runs write `adapter/`, and with `merge` the merged model next to it when the adapters can be merged
+    (not prefix methods, not quantised bases, not ZeRO-3 shards: use `scaling export --merge` for those).
+    """
     out_dir = Path(out_dir)
-    state_dict = accelerator.get_state_dict(model)  # ZeRO-3: gathered layer by layer onto rank 0; others get {}
+    tmp = out_dir.with_name(TMP_PREFIX + out_dir.name)
+    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        sharded = any(getattr(p, "ds_numel", p.numel()) != p.numel() for p in unwrapped.parameters())
-        if sharded and merge and _is_peft(unwrapped):
-            log.warning("ZeRO-3 keeps the base weights sharded, so the adapter cannot be merged in the run; "
-                        "run `scaling export %s --merge` for a merged model", out_dir.parent)
-        _save_pretrained(unwrapped, tokenizer, out_dir, merge and not sharded, state_dict if sharded else None)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    peft = _is_peft(unwrapped)
+    if peft:
+        from scaling.adapters import save_adapter
+
+        save_adapter(unwrapped, tmp / "adapter", accelerator.is_main_process)  # every rank: gathers under ZeRO-3
+    sharded = any(getattr(p, "ds_numel", p.numel()) != p.numel() for p in unwrapped.parameters())
+    merge = peft and merge and not sharded
+    state_dict = accelerator.get_state_dict(model) if not peft else None  # ZeRO-3: gathered onto rank 0
+    if accelerator.is_main_process:
+        if merge:
+            _save_merged(unwrapped, tmp)
+        elif not peft:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        _finish_export(tokenizer, tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
 
-def _save_pretrained(model, tokenizer, out_dir: Path, merge: bool, state_dict: dict | None = None) -> None:
-    """Write the model (PEFT: adapter/ + merged or base model) and the tokenizer; temp dir renamed into place.
+def _save_merged(model, directory: Path) -> None:
+    """Fold the adapters into the base weights and save the plain model (logs why when they cannot be merged)."""
+    from scaling.adapters import merge_adapters
 
-    `state_dict` is given only when the live weights are ZeRO-3 shards: then it is written as it is.
-    """
-    tmp = out_dir.with_name(TMP_PREFIX + out_dir.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if _is_peft(model):
-        model.save_pretrained(tmp / "adapter", state_dict=state_dict)
-        if state_dict is None:
-            model = model.merge_and_unload() if merge else model.unload()  # merged, or the untouched base
-    if not _is_peft(model):
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    try:
+        merged = merge_adapters(model)
+    except ValueError as err:
+        log.warning("exported the adapter only: %s", err)
+        return
+    merged.save_pretrained(directory, safe_serialization=True)
+
+
+def _finish_export(tokenizer, tmp: Path, out_dir: Path) -> None:
+    """Add the tokenizer and move the finished directory into place."""
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -229,7 +245,7 @@ def _save_pretrained(model, tokenizer, out_dir: Path, merge: bool, state_dict: d
 
 
 def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config")
+    return getattr(model, "peft_args", None) is not None
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -261,7 +277,17 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike | N
         state_dict.update(load_file(path / EMA_FILE))
     model.load_state_dict(_match_tied(model, state_dict), strict=True)
     out = Path(out_dir) if out_dir else run_dir / "export"
-    _save_pretrained(model, load_tokenizer(run_dir / TOKENIZER_DIR), out, merge)
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _is_peft(model):
+        from scaling.adapters import save_adapter
+
+        save_adapter(model, tmp / "adapter")
+        if merge:
+            _save_merged(model, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    _finish_export(load_tokenizer(run_dir / TOKENIZER_DIR), tmp, out)
     return out
 
 
