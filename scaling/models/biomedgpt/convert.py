@@ -32,6 +32,7 @@ give the same tensors and logits as the in-memory model; the staging directory i
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -239,6 +240,16 @@ def tie_embeddings(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
     return filled
 
 
+def fill_batch_counters(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, str]:
+    """Add BatchNorm `num_batches_tracked` counters that frozen-BN checkpoints (fairseq --freeze-resnet) lack."""
+    filled = {}
+    for key in model.state_dict():
+        if key.endswith(".num_batches_tracked") and key not in state_dict:
+            state_dict[key] = torch.tensor(0)
+            filled[key] = "absent in the source (FrozenBatchNorm2d); a training counter unused at inference"
+    return filled
+
+
 def check_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Fail with the complete lists of unknown keys, missing keys and shape mismatches."""
     expected = model.state_dict()
@@ -269,6 +280,7 @@ def convert_state_dict(
     dropped = check_buffers(buffers, config)
     filled = tie_embeddings(renamed)
     model = BiomedGPTForConditionalGeneration(config).eval()
+    filled.update(fill_batch_counters(renamed, model))
     check_keys(renamed, model)
     model.load_state_dict(renamed, strict=True)
     report = ConversionReport(
@@ -364,6 +376,7 @@ def find_tokenizer(source: Path, bpe_dir: str | Path | None):
 
 def replace_directory(staging: Path, out_dir: Path) -> None:
     """Move `staging` to `out_dir` by rename (atomic on one filesystem); an existing `out_dir` is swapped out first."""
+    share_like_umask(staging)
     if not out_dir.exists():
         staging.rename(out_dir)
         return
@@ -371,3 +384,12 @@ def replace_directory(staging: Path, out_dir: Path) -> None:
     out_dir.rename(retired)
     staging.rename(out_dir)
     shutil.rmtree(retired)
+
+
+def share_like_umask(directory: Path) -> None:
+    """Give the staging directory (created 0700 by mkdtemp) and its files the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)

@@ -145,6 +145,16 @@ def test_hf_port_checkpoint_converts_to_identical_model(reference):
     assert_same_model(converted, reference)
 
 
+def test_frozen_batchnorm_checkpoint_gets_counters(reference):
+    """fairseq --freeze-resnet stores FrozenBatchNorm2d buffers, which have no num_batches_tracked."""
+    source = {k: v for k, v in fairseq_state_dict(reference).items() if not k.endswith("num_batches_tracked")}
+    converted, report = convert_state_dict(source)
+    assert report.filled and all(key.endswith("num_batches_tracked") for key in report.filled)
+    batch = dummy_batch(reference.config)
+    with torch.no_grad():
+        assert torch.equal(converted(**batch).logits, reference(**batch).logits)
+
+
 def test_unknown_and_missing_keys_fail_loudly(reference):
     source = fairseq_state_dict(reference)
     source["encoder.layers.0.adapter.fc1.weight"] = torch.zeros(4, 64)
@@ -197,6 +207,9 @@ def test_cli_converts_fairseq_checkpoint_end_to_end(reference, fairseq_checkpoin
         p.name for p in out.iterdir()
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging directory left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     report = json.loads((out / "conversion.json").read_text())
     assert report["source_format"] == "fairseq" and report["preset"] == "test" and report["max_abs_logit_diff"] == 0
     assert_same_model(BiomedGPTForConditionalGeneration.from_pretrained(out).eval(), reference)

@@ -16,7 +16,8 @@ from scaling.models.biomedgpt.tokenization import (
 
 BPE_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "ofa_bpe"
 needs_bpe = pytest.mark.skipif(
-    not (BPE_DIR / "dict.txt").is_file(), reason=f"OFA BPE files (encoder.json, vocab.bpe, dict.txt) absent at {BPE_DIR}"
+    not (BPE_DIR / "dict.txt").is_file(),
+    reason=f"OFA BPE files (encoder.json, vocab.bpe, dict.txt) absent at {BPE_DIR}",
 )
 
 SENTENCES = [
@@ -123,7 +124,12 @@ def test_special_token_layout(ofa_tokenizer):
     assert tok.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert tok.mask_token_id == 50264
-    assert tok.convert_tokens_to_ids(["<code_0>", "<code_8191>", "<bin_0>", "<bin_999>"]) == [50265, 58456, 58457, 59456]
+    assert tok.convert_tokens_to_ids(["<code_0>", "<code_8191>", "<bin_0>", "<bin_999>"]) == [
+        50265,
+        58456,
+        58457,
+        59456,
+    ]
     assert tok(" <bin_3><code_7>", add_special_tokens=False).input_ids == [1437, 58460, 50272]
 
 
@@ -173,7 +179,10 @@ def test_trained_tokenizer_has_ofa_families_and_round_trips(tmp_path):
     assert tok.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]
     assert base == tok.vocab_size - 1 <= 399
     assert tok.convert_tokens_to_ids(["<code_0>", "<code_15>", "<bin_0>", "<bin_9>"]) == [
-        base + 1, base + 16, base + 17, base + 26
+        base + 1,
+        base + 16,
+        base + 17,
+        base + 26,
     ]
     assert len(tok) == base + 27
     ids = tok(" is there a fracture? <bin_3>").input_ids
