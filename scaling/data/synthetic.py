@@ -60,7 +60,7 @@ COUNT_WORDS = ("no", "one", "two", "three")
 # region centre (u, v) in image coordinates [-1, 1], v downwards; patient's left = image right (u > 0)
 REGION_CENTERS = {"left": (0.4, 0.0), "right": (-0.4, 0.0), "upper": (0.0, -0.42), "lower": (0.0, 0.42),
                   "center": (0.0, 0.0)}
-LESION_RADII = {"small": 0.075, "medium": 0.11, "large": 0.155}
+LESION_RADII = {"small": 0.09, "medium": 0.13, "large": 0.19}
 REGION_WORDS = {
     "brain": {"left": "left hemisphere", "right": "right hemisphere", "upper": "frontal lobe",
               "lower": "occipital lobe", "center": "basal ganglia"},
@@ -205,7 +205,7 @@ def lesion_centers(scene: Scene, rng: np.random.Generator) -> list[tuple[float, 
     if not scene.n_lesions:
         return []
     cx, cy = REGION_CENTERS[scene.location]
-    step = 2.7 * LESION_RADII[scene.size]
+    step = 2 * LESION_RADII[scene.size] + 0.1  # a gap of ~3 pixels at 64 px keeps neighbours apart
     offsets = (np.arange(scene.n_lesions) - (scene.n_lesions - 1) / 2) * step
     vertical = scene.location in ("left", "right")
     jitter = rng.uniform(-0.03, 0.03, size=(scene.n_lesions, 2))
@@ -215,7 +215,7 @@ def lesion_centers(scene: Scene, rng: np.random.Generator) -> list[tuple[float, 
 def _paint_lesions(image, u, v, scene: Scene, tone: dict, edge: float, rng) -> None:
     """Round lesions with a contrasting rim, so they differ from every anatomical structure."""
     for cx, cy in lesion_centers(scene, rng):
-        radius = LESION_RADII[scene.size] * rng.uniform(0.92, 1.08)
+        radius = LESION_RADII[scene.size] * rng.uniform(0.95, 1.05)
         _paint(image, _ellipse(u, v, cx, cy, radius, radius, edge), tone["rim"])
         _paint(image, _ellipse(u, v, cx, cy, radius * 0.7, radius * 0.7, edge), tone["lesion"])
 
@@ -257,8 +257,10 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     parts = _body_for(scene.plane, rng)
     body = _paint_body(image, u, v, parts, tone, edge)
     _paint_organ(image, u, v, scene.organ, parts[0], tone, edge, rng)
-    _paint_lesions(image, u, v, scene, tone, edge, rng)
     image = _finish_modality(image, u, v, body, scene.modality, tone, rng)
+    # lesions go on top of the modality's texture so that small ones stay visible at 64 pixels
+    _paint_lesions(image, u, v, scene, tone, 2.0 / size, rng)
+    image += rng.normal(0.0, 0.02, image.shape)
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
