@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scaling.data.images import DEFAULT_MAX_PIXELS
-from scaling.data.records import DataError, LoadResult, check_path
+from scaling.data.records import DataError, LoadResult, check_path, check_split
 from scaling.data.sources import (
     biomedgpt_tsv,
     caption_tsv,
@@ -72,6 +72,7 @@ def load_source(name: str, path: str | Path, split: str, *, on_bad_record: str =
     if unknown:
         raise DataError(f"source {name!r} has no option {', '.join(unknown)}; "
                         f"its options: {', '.join(source.options()) or 'none'}")
+    check_split(split, source.splits, name)
     path = check_path(path, f"{name} dataset path", "pass the folder (or file) of the dataset release")
 
     def load() -> LoadResult:

@@ -17,7 +17,7 @@ import base64
 import binascii
 from pathlib import Path
 
-from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, check_split, require_text
+from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, require_text
 from scaling.data.sources.common import decode_line, find_split_file, iter_lines, read_json
 from scaling.data.sources.pathvqa import safe_load_pickle
 from scaling.data.tasks import normalize_whitespace
@@ -43,7 +43,6 @@ def load(path: Path, split: str, out: RecordCollector, task: str | None = None, 
     """Reads one split (`{split}.tsv` in the folder `path`, or the file `path`) of the given task's layout."""
     if task not in COLUMNS:
         raise DataError(f"biomedgpt_tsv needs task= one of {', '.join(COLUMNS)} (got {task!r})")
-    check_split(split, SPLITS, NAME)
     file = path if path.is_file() else find_split_file(path, split, SPLIT_FILES, NAME)
     for index, raw in iter_lines(file):
         with out.reading(file, index):

@@ -50,7 +50,13 @@ def write_entry(result: LoadResult, entry: Path) -> None:
     rows = [record_row(record, candidate_lists) for record in result.records]
     temporary = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    datasets.Dataset.from_list(rows, features=arrow_features()).save_to_disk(str(temporary))
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a cache write is an implementation detail, not a step to watch
+    try:
+        datasets.Dataset.from_list(rows, features=arrow_features()).save_to_disk(str(temporary))
+    finally:
+        if not quiet:
+            datasets.utils.enable_progress_bars()
     meta = {"skipped": dict(result.skipped), "candidates": [list(c) for c in candidate_lists]}
     (temporary / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     shutil.rmtree(entry, ignore_errors=True)

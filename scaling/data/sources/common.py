@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, track
 
 from scaling.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image
 from scaling.data.records import BadRecord, DataError, Record, RecordCollector, SplitNotFound
 from scaling.data.tasks import TASKS
+from scaling.logging import console, is_main_process
 
+PROGRESS_BYTES = 64 * 2**20
+PROGRESS_ITEMS = 20_000
 UTF8_FIX = "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
 
 
@@ -37,11 +43,33 @@ def decode_line(raw: bytes) -> str:
 
 
 def iter_lines(file: Path) -> Iterator[tuple[int, bytes]]:
-    """(line index, raw bytes) for the non-blank lines of a file, decoded later per line."""
-    with file.open("rb") as handle:
+    """(line index, raw bytes) for the non-blank lines of a file, decoded later per line; large files show a
+    progress bar in bytes."""
+    with file.open("rb") as handle, _byte_progress(file) as advance:
         for index, raw in enumerate(handle):
+            advance(len(raw))
             if raw.strip():
                 yield index, raw
+
+
+@contextlib.contextmanager
+def _byte_progress(file: Path) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar over the file's bytes on the main process, for files over PROGRESS_BYTES."""
+    size = file.stat().st_size
+    if size < PROGRESS_BYTES or not is_main_process():
+        yield lambda n: None
+        return
+    with Progress(TextColumn(f"reading {file.name}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("read", total=size)
+        yield lambda n: progress.advance(task, n)
+
+
+def track_items(items: Iterable, total: int, description: str) -> Iterable:
+    """Items with a rich progress bar on the main process when there are more than PROGRESS_ITEMS of them."""
+    if total < PROGRESS_ITEMS or not is_main_process():
+        return items
+    return track(items, total=total, description=description, console=console, transient=True)
 
 
 def as_row(value: Any, what: str = "record") -> dict:

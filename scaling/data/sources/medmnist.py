@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, SplitNotFound, check_path
+from scaling.data.sources.common import track_items
 
 NAME = "medmnist"
 TASK = "classify"
@@ -52,7 +53,8 @@ def load(path: Path, split: str, out: RecordCollector, flag: str | None = None,
     if labels.ndim == 2 and labels.shape[1] > 1:
         raise DataError(f"{file}: labels have {labels.shape[1]} columns (multi-label); the classify task needs "
                         "one label per image. Fix: use a multi-class MedMNIST flag")
-    for index, (pixels, label) in enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0], strict=True)):
+    rows = enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0], strict=True))
+    for index, (pixels, label) in track_items(rows, len(labels), f"{flag} {split}"):
         with out.reading(file, index):
             out.add(make_record(pixels, int(label), index, flag, split, names, file))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scaling.data.records import BadRecord, DataError, Record, RecordCollector, check_path, check_split, require_text
+from scaling.data.records import BadRecord, DataError, Record, RecordCollector, check_path, require_text
 from scaling.data.sources.common import as_row, read_json
 from scaling.data.tasks import YES_NO_MAYBE
 
@@ -18,7 +18,6 @@ SPLITS = ("train", "test")
 
 def load(path: Path, split: str, out: RecordCollector) -> None:
     """Reads one split from the folder holding ori_pqal.json and test_ground_truth.json."""
-    check_split(split, SPLITS, NAME)
     file = check_path(path / "ori_pqal.json", "PubMedQA ori_pqal.json")
     items, test_labels = read_json(file), read_json(check_path(path / "test_ground_truth.json", "test labels"))
     if not isinstance(items, dict) or not isinstance(test_labels, dict):

@@ -32,7 +32,7 @@ def make_record(row: dict, index: int, file: Path, image_root: Path, candidates:
         id=str(row.get("qid", index)),
         task=TASK,
         image=ImageRef(image_root / require_text(row, "img_name", "name the image of every question")),
-        text={"question": require_text(row, "question", "write the question"), "object": row.get("location") or ""},
+        text={"question": require_text(row, "question", "write the question"), "object": str(row.get("location") or "")},
         target=require_text(row, "answer", "give every question an answer"),
         candidates=candidates,
         answer_type=normalize_answer_type(row.get("answer_type")),
