@@ -49,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_shape(2, 128, 4, [1, 1, 1]),
         "resnet_width": 16,
         "image_size": 64,
+        "code_image_size": 64,
         "max_positions": 256,
         "token_bucket_size": 64,
         "image_bucket_size": 8,
@@ -59,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 1000,
         "resnet_width": 8,
         "image_size": 32,
+        "code_image_size": 32,
         "max_positions": 128,
         "token_bucket_size": 16,
         "image_bucket_size": 6,
@@ -139,6 +141,11 @@ class BiomedGPTConfig(PretrainedConfig):
             found.append(
                 f"image_size {self.image_size} must be a multiple of 16 and at most 16 * image_bucket_size "
                 f"({16 * self.image_bucket_size})"
+            )
+        if self.code_image_size // 8 > self.image_bucket_size:
+            found.append(
+                f"code_image_size {self.code_image_size} gives a {self.code_image_size // 8}-wide code grid, larger "
+                f"than image_bucket_size {self.image_bucket_size}"
             )
         if self.token_bucket_size > self.max_positions:
             found.append(f"token_bucket_size {self.token_bucket_size} exceeds max_positions {self.max_positions}")

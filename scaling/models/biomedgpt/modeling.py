@@ -40,7 +40,8 @@ No buffers besides the ResNet's BatchNorm statistics: the relative-bucket index 
 `token_rp_bucket`, `image_rp_bucket`) and the decoder's `image_position_idx` are pure functions of positions, computed
 by `token_relative_buckets`, `image_relative_buckets` and `code_position_ids` below; converters drop those buffers.
 The decoder's `code_layernorm_embedding`, `image_pos_ln`, `embed_image_positions` and `image_rel_pos_table_list` serve
-image-code targets (`code_masks`) only.
+image-code targets (`code_masks`) only, so they get no gradient in text-only training (DDP needs
+`find_unused_parameters=True`; the same holds for the vision parameters on batches without images).
 """
 
 import math
@@ -101,10 +102,14 @@ def image_relative_buckets(query_ids: torch.Tensor, key_ids: torch.Tensor, bucke
 
 
 def code_position_ids(length: int, code_image_size: int, bucket_size: int, device=None) -> torch.Tensor:
-    """Image position ids of decoder steps for image-code targets: [0, grid ids..., then 1024 for the rest]."""
+    """Image position ids of decoder steps for image-code targets: [0, code grid ids..., then 1024 for the rest].
+
+    OFA's buffer `image_position_idx` (length 1026 in OFA/BiomedGPT main, 1025 in the HF port) is a prefix of this;
+    1024 is capped to the last table row for presets whose table is smaller.
+    """
     window = code_image_size // 8
     ids = torch.cat([torch.zeros(1, dtype=torch.long), image_grid_position_ids(window, window, bucket_size)])
-    ids = F.pad(ids, (0, max(0, length - ids.numel())), value=1024)
+    ids = F.pad(ids, (0, max(0, length - ids.numel())), value=min(1024, bucket_size**2))
     return ids[:length].to(device)
 
 
@@ -574,6 +579,40 @@ class BiomedGPTDecoder(nn.Module):
             keep = keep & attention_mask.bool()[:, None, None, :]
         return additive_mask(keep, dtype)
 
+    def embed(self, input_ids, inputs_embeds, code_masks) -> torch.Tensor:
+        """Token embeddings -> layernorm_embedding (code_layernorm_embedding for image-code samples) -> dropout."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if code_masks is None:
+            return self.dropout(self.layernorm_embedding(x))
+        code = code_masks.bool()[:, None, None]
+        return self.dropout(torch.where(code, self.code_layernorm_embedding(x), self.layernorm_embedding(x)))
+
+    def position_embeddings(self, key_positions: torch.Tensor, code_masks) -> torch.Tensor:
+        """Normalised absolute positions of the decoder steps: (1, S, d), or (B, S, d) with image-code samples."""
+        positions = self.pos_ln(self.embed_positions(key_positions)).unsqueeze(0)
+        if code_masks is None:
+            return positions
+        ids = code_position_ids(
+            key_positions.numel(), self.config.code_image_size, self.config.image_bucket_size, key_positions.device
+        )
+        code_positions = self.image_pos_ln(self.embed_image_positions(ids)).unsqueeze(0)
+        return torch.where(code_masks.bool()[:, None, None], code_positions, positions)
+
+    def code_buckets(self, past: int, total: int, device) -> torch.Tensor:
+        """Indices of the 2-D image relative buckets between code steps, offset into the combined table."""
+        ids = code_position_ids(total, self.config.code_image_size, self.config.image_bucket_size, device)
+        buckets = image_relative_buckets(ids[past:], ids, self.config.image_bucket_size)
+        return buckets + self.token_rel_pos_table_list[0].num_embeddings
+
+    def relative_bias(self, i: int, buckets, code_buckets, code_masks) -> torch.Tensor:
+        """Layer i's relative bias: token buckets, or image buckets for image-code samples."""
+        tables = self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i]
+        bias = relative_position_bias(buckets, *tables)  # (1, H, T, S)
+        if code_masks is None:
+            return bias
+        code = code_masks.bool()[:, None, None, None]
+        return torch.where(code, relative_position_bias(code_buckets, *tables), bias)  # (B, H, T, S)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None,
@@ -582,21 +621,21 @@ class BiomedGPTDecoder(nn.Module):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         prefix_key_values: dict | None = None,
+        code_masks: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> BiomedGPTDecoderOutput:
         """Decode the new tokens (B, T) given `past_key_values` of the earlier ones."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.dropout(self.layernorm_embedding(x))
+        x = self.embed(input_ids, inputs_embeds, code_masks)
         length = x.shape[1]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         key_positions = torch.arange(past + length, device=x.device)
         query_positions = key_positions[past:]
-        positions = self.pos_ln(self.embed_positions(key_positions)).unsqueeze(0)  # (1, past + T, d)
+        positions = self.position_embeddings(key_positions, code_masks)  # (1 or B, past + T, d)
         query_pos = positions[:, past:]
         self_bias = absolute_position_bias(
             self.self_pos_q_linear, self.self_pos_k_linear, query_pos, positions, self.num_heads, self.pos_scaling
-        )  # (1, H, T, past + T)
+        )  # (1 or B, H, T, past + T)
         self_bias = self_bias + self.self_attention_mask(
             query_positions, key_positions, attention_mask, self_bias.dtype
         )
@@ -614,13 +653,12 @@ class BiomedGPTDecoder(nn.Module):
         buckets = token_relative_buckets(
             query_positions, key_positions, self.config.token_bucket_size, self.config.max_positions
         )
+        code_buckets = None if code_masks is None else self.code_buckets(past, past + length, x.device)
         prefixes = layer_prefixes(prefix_key_values, "decoder", len(self.layers))
         hidden_states = (x,) if output_hidden_states else None
         attentions = cross_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
-            bias = self_bias + relative_position_bias(
-                buckets, self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i]
-            )
+            bias = self_bias + self.relative_bias(i, buckets, code_buckets, code_masks)
             x, self_weights, cross_weights = layer(
                 x,
                 bias,
@@ -707,6 +745,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
         inputs_embeds=None,
         decoder_inputs_embeds=None,
         prefix_key_values=None,
+        code_masks=None,
         output_attentions=None,
         output_hidden_states=None,
         **kwargs,
@@ -738,6 +777,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
             past_key_values,
             decoder_inputs_embeds,
             prefix_key_values,
+            code_masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -760,7 +800,9 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
       pixel_values (B, 3, H, W) and patch_masks (B,) bool (False = this sample has no image);
       prefix_key_values {"encoder": [...], "decoder": [...]}: per layer a (key, value) pair of shape
       (B or 1, heads, P, head_dim), prepended to self-attention keys/values, always visible, with zero position bias
-      and without shifting positions (prefix tuning / P-tuning v2).
+      and without shifting positions (prefix tuning / P-tuning v2);
+      code_masks (B,) bool: the target of this sample is VQ-GAN image codes (OFA image infilling/generation), which
+      switches its decoder to the image position tables and `code_layernorm_embedding`.
     """
 
     _tied_weights_keys = {
@@ -809,6 +851,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         prefix_key_values: dict | None = None,
+        code_masks: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -832,6 +875,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             prefix_key_values=prefix_key_values,
+            code_masks=code_masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )

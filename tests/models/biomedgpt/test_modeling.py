@@ -139,6 +139,27 @@ def test_incremental_decoding_equals_full_forward(model, batch):
 
 
 @torch.no_grad()
+def test_image_code_targets_use_their_own_positions_per_sample_and_cache_consistently(model, batch):
+    code_masks = torch.tensor([False, True, False])
+    plain = model(**batch, decoder_input_ids=DECODER_INPUT).logits
+    full = model(**batch, decoder_input_ids=DECODER_INPUT, code_masks=code_masks).logits
+    assert (full[1] - plain[1]).abs().max() > 1e-3
+    assert (full[[0, 2]] - plain[[0, 2]]).abs().max().item() <= 1e-5
+    encoder_outputs, past, steps = model.get_encoder()(**batch), None, []
+    for t in range(DECODER_INPUT.shape[1]):
+        out = model(
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=DECODER_INPUT[:, t : t + 1],
+            past_key_values=past,
+            code_masks=code_masks,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        steps.append(out.logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
 def test_padded_batch_equals_each_sample_alone(model, batch):
     batched = model(**batch, decoder_input_ids=DECODER_INPUT).logits
     for i in range(3):
