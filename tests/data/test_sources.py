@@ -363,3 +363,12 @@ def test_llava_med_bad_conversations_are_skipped_not_fatal(tmp_path: Path, make_
     result = load_source("llava_med", tmp_path, "train")
     assert [r.id for r in result.records] == ["b-0"]
     assert result.skipped == Counter({"missing answer": 1, "missing image": 1})
+
+
+def test_source_problems_are_found_before_reading():
+    from scaling.data.sources import source_problems
+
+    assert source_problems("vqa_rad", "train", {}) == []
+    problems = source_problems("biomedgpt_tsv", "dev", {"q_lang": "en"})
+    assert len(problems) == 3 and "no split 'dev'" in problems[0] and "q_lang" in problems[1]
+    assert "needs options.task" in problems[2]

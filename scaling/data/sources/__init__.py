@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scaling.data.images import DEFAULT_MAX_PIXELS
-from scaling.data.records import DataError, LoadResult, check_path, check_split
+from scaling.data.records import DataError, LoadResult, check_path
 from scaling.data.sources import (
     biomedgpt_tsv,
     caption_tsv,
@@ -67,12 +67,10 @@ def load_source(name: str, path: str | Path, split: str, *, on_bad_record: str =
                 verify_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | Path | None = None,
                 **options) -> LoadResult:
     """Records of one split of a dataset in its native format, and the count of skipped records per reason."""
-    source = get_source(name)
-    unknown = sorted(set(options) - set(source.options()))
-    if unknown:
-        raise DataError(f"source {name!r} has no option {', '.join(unknown)}; "
-                        f"its options: {', '.join(source.options()) or 'none'}")
-    check_split(split, source.splits, name)
+    problems = source_problems(name, split, options)
+    if problems:
+        raise DataError("; ".join(problems))
+    source = SOURCES[name]
     path = check_path(path, f"{name} dataset path", "pass the folder (or file) of the dataset release")
 
     def load() -> LoadResult:
@@ -84,3 +82,19 @@ def load_source(name: str, path: str | Path, split: str, *, on_bad_record: str =
         return load()
     settings = {**options, "on_bad_record": on_bad_record, "verify_images": verify_images, "max_pixels": max_pixels}
     return cached_load(load, cache_dir, f"{name}-{split}-{fingerprint(name, path, split, settings, Path(cache_dir))}")
+
+
+def source_problems(name: str, split: str, options: dict) -> list[str]:
+    """Everything wrong with a source configuration, found before any file is read (for config validation)."""
+    if name not in SOURCES:
+        return [f"data source {name!r}: unknown; choose one of {', '.join(SOURCES)}"]
+    source, problems = SOURCES[name], []
+    if split not in source.splits:
+        problems.append(f"data source {name!r}: no split {split!r}; it has {', '.join(source.splits)}")
+    unknown = sorted(set(options) - set(source.options()))
+    if unknown:
+        problems.append(f"data source {name!r}: unknown option(s) {', '.join(unknown)}; "
+                        f"its options: {', '.join(source.options()) or 'none'}")
+    if source.task is None and "task" not in options:
+        problems.append(f"data source {name!r}: needs options.task (one of vqa, caption, classify, nli, summarize, qa)")
+    return problems
