@@ -25,15 +25,16 @@ def load(path: Path, split: str, out: RecordCollector, images_dir: str | None = 
     """Reads one split; `path` is the folder with the TSVs."""
     file = find_split_file(path, "test" if split == "test" else "train", SPLIT_FILES, NAME)  # validation: from train
     image_root = Path(images_dir) if images_dir else find_image_dir(path)
-    lines = list(iter_lines(file))
+    lines = [(index, raw) for index, raw in iter_lines(file) if not (index == 0 and is_header(raw))]
     if split != "test":
         lines = split_train(lines, split, validation_fraction)
     for index, raw in lines:
         with out.reading(file, index):
-            line = decode_line(raw)
-            if index == 0 and line.lower().startswith("file_name\t"):
-                continue
-            out.add(make_record(line, index, file, image_root))
+            out.add(make_record(decode_line(raw), index, file, image_root))
+
+
+def is_header(raw: bytes) -> bool:
+    return raw.lower().startswith(b"file_name\t")
 
 
 def make_record(line: str, index: int, file: Path, image_root: Path) -> Record:
