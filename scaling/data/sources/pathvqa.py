@@ -2,7 +2,8 @@
 
 The pickles are lists of dicts (`img_id, question_id, sent, label` with label = {answer: score}); they are read
 with an unpickler that refuses every global except plain builtin containers, so a crafted file cannot run code.
-The JSON export is a list of `{"image", "question", "answer"}` per split. Yes/no answers are CLOSED, others OPEN.
+The JSON export is a list of `{"image", "question", "answer"}` per split. Yes/no answers are CLOSED, others OPEN;
+the category is the release's answer_type ('yes/no' or 'other').
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def make_record(row: dict, index: int, file: Path, image_root: Path, candidates:
         target=answer,
         candidates=candidates,
         answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN",
-        attributes={"category": "yes/no" if answer.lower() in ("yes", "no") else "other"},
+        attributes={"category": row.get("answer_type") or ("yes/no" if answer.lower() in ("yes", "no") else "other"),
+                    "question_type": row.get("question_type")},
         source=str(file),
         index=index,
     )
