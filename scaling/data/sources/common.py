@@ -11,7 +11,7 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, track
 
 from scaling.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image
-from scaling.data.records import BadRecord, DataError, Record, RecordCollector, SplitNotFound
+from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, SplitNotFound
 from scaling.data.tasks import TASKS
 from scaling.logging import console, is_main_process
 
@@ -92,27 +92,33 @@ def find_split_file(root: Path, split: str, names: dict[str, list[str]], source:
 
 def make_collector(on_bad_record: str = "skip", verify_images: bool = False,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordCollector:
-    """A collector that checks each record against its task and, optionally, decodes its image once."""
+    """A collector that checks each record against its task and, optionally, decodes each image file once."""
+    verdicts: dict[Path, BadRecord | None] = {}  # VQA images are shared by many questions
 
     def check(record: Record) -> None:
         TASKS[record.task].check(record)
-        if record.image is not None:
-            check_image(record, verify_images, max_pixels)
+        if record.image is None:
+            return
+        path = record.image.path
+        if path is not None and not path.is_file():
+            raise BadRecord("missing image file", "image", "put the image there or fix the image name/folder",
+                            detail=str(path))
+        if verify_images:
+            verdict = verdicts[path] if path in verdicts else image_verdict(record.image, max_pixels)
+            if path is not None:
+                verdicts[path] = verdict
+            if verdict is not None:
+                raise verdict
 
     return RecordCollector(on_bad_record, check)
 
 
-def check_image(record: Record, decode: bool, max_pixels: int) -> None:
-    """The image file exists; with `decode`, it also decodes within max_pixels."""
-    path = record.image.path
-    if path is not None and not path.is_file():
-        raise BadRecord("missing image file", "image", "put the image there or fix the image name/folder",
-                        detail=str(path))
-    if not decode:
-        return
+def image_verdict(image: ImageRef, max_pixels: int) -> BadRecord | None:
+    """None if the image decodes within max_pixels, else the BadRecord saying why not."""
     try:
-        load_image(record.image, max_pixels)
+        load_image(image, max_pixels)
     except ImageTooLarge as error:
-        raise BadRecord("image over max_pixels", "image", "downscale it or raise max_pixels", detail=str(error)) from None
+        return BadRecord("image over max_pixels", "image", "downscale it or raise max_pixels", detail=str(error))
     except ImageError as error:
-        raise BadRecord("unreadable image", "image", "re-export or remove the image", detail=str(error)) from None
+        return BadRecord("unreadable image", "image", "re-export or remove the image", detail=str(error))
+    return None
