@@ -20,7 +20,7 @@ from pathlib import Path
 from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, require_text
 from scaling.data.sources.common import decode_line, find_split_file, iter_lines, read_json
 from scaling.data.sources.pathvqa import safe_load_pickle
-from scaling.data.tasks import normalize_whitespace
+from scaling.data.tasks import normalize_answer, normalize_whitespace
 
 NAME = "biomedgpt_tsv"
 TASK = None  # given by the `task` option
@@ -144,9 +144,9 @@ def add_candidates(records: list[Record], task: str, ans2label: str | None) -> N
     if task == "vqa":
         if ans2label:
             table = safe_load_pickle(Path(ans2label)) if ans2label.endswith(".pkl") else read_json(Path(ans2label))
-            candidates = sorted(table)
+            candidates = sorted({normalize_answer(a) for a in table})
         else:
-            candidates = sorted({a for r in records for a in r.targets})
+            candidates = sorted({normalize_answer(a) for r in records for a in r.targets})
     elif task == "classify":
         candidates = [name for _, name in sorted({(r.attributes["label"], r.target) for r in records})]
     else:
