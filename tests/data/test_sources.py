@@ -275,6 +275,10 @@ def test_biomedgpt_tsv_reads_biomedgpt_rows(tmp_path: Path, make_image):
     (record,) = load_source("biomedgpt_tsv", tmp_path, "test", task="vqa").records
     assert (record.target, record.targets, record.candidates) == ("yes", ["yes", "no"], ["no", "yes"])
     assert record.image.read_bytes() == image
+    (tmp_path / "trainval_ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1, "Left Lobe": 2}))
+    with_table = load_source("biomedgpt_tsv", tmp_path, "test", task="vqa",
+                             ans2label=str(tmp_path / "trainval_ans2label.pkl"))
+    assert with_table.records[0].candidates == ["left lobe", "no", "yes"]
     (tmp_path / "val.tsv").write_text(f"{b64}\t3\tlymphocytes\n{b64}\t0\tadipose\n")
     classify = load_source("biomedgpt_tsv", tmp_path, "validation", task="classify").records
     assert classify[0].candidates == ["adipose", "lymphocytes"]
