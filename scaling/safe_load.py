@@ -28,7 +28,12 @@ from scaling.logging import get_logger
 logger = get_logger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TRUST_HINT = (
     "If you trust the file's origin, load it with --trust-pickle (trust_pickle=True), which can execute code stored in "
     "it; otherwise ask its author for a safetensors copy."

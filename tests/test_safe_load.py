@@ -81,7 +81,9 @@ def test_code_running_pickle_is_refused_and_creates_nothing(tmp_path, payload):
     path = tmp_path / "malicious.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "payload": payload(marker)}, path)
     assert not marker.exists()
-    with pytest.raises(CheckpointLoadError, match=r"Refused to load .*malicious\.pt.*(io\.open|posix\.system).*--trust-pickle"):
+    with pytest.raises(
+        CheckpointLoadError, match=r"Refused to load .*malicious\.pt.*(io\.open|posix\.system).*--trust-pickle"
+    ):
         load_state_dict_file(path)
     assert not marker.exists()
 
@@ -105,7 +107,9 @@ def test_truncated_torch_zip_gives_clear_error(tmp_path):
     torch.save(fairseq_checkpoint(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointLoadError, match=r"Cannot read .*half\.pt .*truncated or corrupt.*Copy or download it again"):
+    with pytest.raises(
+        CheckpointLoadError, match=r"Cannot read .*half\.pt .*truncated or corrupt.*Copy or download it again"
+    ):
         load_state_dict_file(path)
 
 
@@ -140,3 +144,15 @@ def test_save_pretrained_directories_single_and_sharded(tmp_path):
         assert sorted(state_dict) == ["a", "b"] and torch.equal(state_dict["b"], torch.zeros(3))
     with pytest.raises(CheckpointLoadError, match=r"No model weights in .*expected one of model\.safetensors"):
         load_state_dict_file(tmp_path)
+
+
+def test_omegaconf_config_loads_when_omegaconf_is_installed(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf", reason="omegaconf is optional; its allowlist entries need it")
+    cfg = omegaconf.OmegaConf.create({"model": {"arch": "ofa_base", "layers": [6, 6]}, "task": {"name": "vqa_gen"}})
+    path = tmp_path / "hydra.pt"
+    torch.save({"cfg": cfg, "model": {"w": torch.ones(1)}}, path)
+    loaded = load_pickle_checkpoint(path)["cfg"]
+    assert omegaconf.OmegaConf.to_container(loaded) == {
+        "model": {"arch": "ofa_base", "layers": [6, 6]},
+        "task": {"name": "vqa_gen"},
+    }

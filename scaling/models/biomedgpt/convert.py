@@ -74,9 +74,20 @@ BUCKET_BUFFERS = (
 EMBEDDING_KEY = "model.encoder.embed_tokens.weight"
 TIED_KEYS = ("model.decoder.embed_tokens.weight", "model.decoder.output_projection.weight")
 SHAPE_FIELDS = (
-    "vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
-    "encoder_ffn_dim", "decoder_ffn_dim", "resnet_layers", "resnet_width", "max_positions", "token_bucket_size",
-    "image_bucket_size", "normformer",
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "resnet_layers",
+    "resnet_width",
+    "max_positions",
+    "token_bucket_size",
+    "image_bucket_size",
+    "normformer",
 )
 LOGIT_TOLERANCE = 1e-5
 
@@ -149,7 +160,7 @@ def infer_shape(state_dict: dict[str, torch.Tensor]) -> dict:
     """Read the architecture shape off the tensors (our names)."""
 
     def layer_count(prefix: str) -> int:
-        indices = {key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}
+        indices = {key[len(prefix) :].split(".")[0] for key in state_dict if key.startswith(prefix)}
         return len({int(i) for i in indices if i.isdigit()})
 
     def shape(key: str) -> torch.Size:
@@ -284,8 +295,13 @@ def convert_state_dict(
     check_keys(renamed, model)
     model.load_state_dict(renamed, strict=True)
     report = ConversionReport(
-        source="", source_format=source_format(source), weights="model", preset=preset, tensors=len(source),
-        dropped=dropped, filled=filled,
+        source="",
+        source_format=source_format(source),
+        weights="model",
+        preset=preset,
+        tensors=len(source),
+        dropped=dropped,
+        filled=filled,
     )
     return model, report
 

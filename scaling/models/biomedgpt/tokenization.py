@@ -14,6 +14,7 @@ BiomedGPT prompts and targets carry their own leading space (`" what does the im
 """
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ NUM_BINS = 1000  # OFA `num_bins`
 MODEL_MAX_LENGTH = 1024  # OFA `max_source_positions`
 FAIRSEQ_BPE_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
 HF_BPE_FILES = ("vocab.json", "merges.txt")
+FAMILY_TOKEN = re.compile(r"<(code|bin)_\d+>")
 
 
 def code_token(i: int) -> str:
@@ -101,7 +103,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer from a local checkpoint or tokenizer directory (never from a hub).
 
     Accepted layouts, in order: `tokenizer.json` (written by `save_pretrained`); `vocab.json` + `merges.txt`
-    (the OFA HF port / BART files, fairseq ids; missing <code_i>/<bin_i> are appended with the OFA counts);
+    (BART / OFA-HF-port files with fairseq ids; when vocab.json has no <code_i>/<bin_i>, the OFA counts are appended);
     `encoder.json` + `vocab.bpe` + `dict.txt` (the fairseq BPE files, see `build_ofa_tokenizer`).
     """
     directory = Path(path)
@@ -111,7 +113,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True, **_special_kwargs())
     elif all((directory / name).is_file() for name in HF_BPE_FILES):
         vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        tokenizer = _byte_level_bpe(vocab, read_merges(directory / "merges.txt"), NUM_CODES, NUM_BINS)
+        # BART/HF-port vocab.json stops at <mask>; ours (save_tokenizer) already lists its code/bin tokens
+        has_families = any(FAMILY_TOKEN.fullmatch(token) for token in vocab)
+        num_codes, num_bins = (0, 0) if has_families else (NUM_CODES, NUM_BINS)
+        tokenizer = _byte_level_bpe(vocab, read_merges(directory / "merges.txt"), num_codes, num_bins)
     elif all((directory / name).is_file() for name in FAIRSEQ_BPE_FILES):
         tokenizer = build_ofa_tokenizer(directory)
     else:
@@ -126,11 +131,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    """Write `save_pretrained` files plus BART-style `vocab.json`/`merges.txt` (fairseq ids) readable by OFA tools."""
+    """Write `save_pretrained` files plus BART-style `vocab.json`/`merges.txt` (all ids, fairseq order) for OFA tools."""
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(str(out_dir))
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    (out_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
@@ -138,7 +144,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> N
 def _byte_level_bpe(
     vocab: dict[str, int], merges: list[tuple[str, str]], num_codes: int, num_bins: int
 ) -> PreTrainedTokenizerFast:
-    """Wrap a byte-level BPE vocabulary (specials at 0..3, <mask> last) and append any missing code/bin tokens."""
+    """Wrap a byte-level BPE vocabulary (specials at 0..3) and append `num_codes` <code_i> and `num_bins` <bin_i>."""
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -147,15 +153,19 @@ def _byte_level_bpe(
         (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=True, add_prefix_space=False
     )
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, MASK)])
-    families = [code_token(i) for i in range(num_codes)] + [bin_token(i) for i in range(num_bins)]
-    # codes and bins are ordinary (non-special) added tokens, so decoding keeps them, as in the OFA HF port
-    backend.add_tokens([AddedToken(t, normalized=False) for t in families if t not in vocab])
+    listed = sorted((t for t in vocab if FAMILY_TOKEN.fullmatch(t)), key=vocab.__getitem__)
+    appended = [code_token(i) for i in range(num_codes)] + [bin_token(i) for i in range(num_bins)]
+    # codes and bins are ordinary (non-special) added tokens, so decoding keeps them, as in the OFA HF port; listed
+    # ones keep their vocab ids, and registering them lets the text "<bin_3>" match before byte-level splitting
+    backend.add_tokens([AddedToken(t, normalized=False) for t in listed + appended])
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=MODEL_MAX_LENGTH, **_special_kwargs())
 
 
 def _special_kwargs() -> dict[str, str]:
     """Special-token roles shared by every BiomedGPT tokenizer."""
-    return dict(bos_token=BOS, pad_token=PAD, eos_token=EOS, unk_token=UNK, mask_token=MASK, cls_token=BOS, sep_token=EOS)
+    return dict(
+        bos_token=BOS, pad_token=PAD, eos_token=EOS, unk_token=UNK, mask_token=MASK, cls_token=BOS, sep_token=EOS
+    )
 
 
 def _check_special_ids(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

@@ -12,6 +12,7 @@ from scaling.cli import main as cli_main
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from scaling.models.biomedgpt.convert import (
     ConversionError,
+    check_buffers,
     convert_checkpoint,
     convert_state_dict,
     dummy_batch,
@@ -51,22 +52,25 @@ def ofa_image_bucket_position(bucket_size: int) -> torch.Tensor:
     return index
 
 
-def ofa_image_position_idx(code_image_size: int, bucket_size: int, padding: int) -> torch.Tensor:
+def ofa_image_position_idx(code_image_size: int, bucket_size: int, padding: int, pad_id: int = 1024) -> torch.Tensor:
     """The decoder buffer: [0] + code-grid ids + [1024] * padding (769 in OFA main, 768 in the HF port)."""
     window = code_image_size // 8
     grid = torch.arange(window)[None, :].expand(window, window) + torch.arange(window)[:, None] * bucket_size + 1
-    return torch.cat([torch.tensor([0]), grid.flatten(), torch.tensor([1024] * padding)])
+    return torch.cat([torch.tensor([0]), grid.flatten(), torch.tensor([pad_id] * padding)])
 
 
 def ofa_buffers(config: BiomedGPTConfig, padding: int) -> dict[str, torch.Tensor]:
     token = ofa_token_bucket_position(config.token_bucket_size, config.max_positions)
     image = ofa_image_bucket_position(config.image_bucket_size)
+    # OFA pads with id 1024, a row of its 1765-row image position table; small presets have fewer rows (last = B*B)
+    pad_id = min(1024, config.image_bucket_size**2)
+    position_idx = ofa_image_position_idx(config.code_image_size, config.image_bucket_size, padding, pad_id)
     return {
         "encoder.token_rp_bucket": token,
         "encoder.image_rp_bucket": image,
         "decoder.token_rp_bucket": token.clone(),
         "decoder.image_rp_bucket": image.clone(),
-        "decoder.image_position_idx": ofa_image_position_idx(config.code_image_size, config.image_bucket_size, padding),
+        "decoder.image_position_idx": position_idx,
     }
 
 
@@ -127,9 +131,19 @@ def test_fairseq_names_follow_the_reference_renames(reference):
     assert not any("mid_layer_norm" in k or "cross_attn." in k or k.startswith("model.") for k in keys)
 
 
+@pytest.mark.parametrize("padding", [769, 768])
+def test_full_size_ofa_buffers_pass_the_check(padding):
+    """OFA's own buffers at the real sizes (1024 positions, 42x42 grid, 1026/1025-long image_position_idx)."""
+    config = BiomedGPTConfig.from_preset("base")
+    buffers = ofa_buffers(config, padding)
+    assert buffers["decoder.image_position_idx"][-1] == 1024
+    assert set(check_buffers(buffers, config)) == set(buffers)
+
+
 def test_fairseq_checkpoint_converts_to_identical_model(reference):
     source = fairseq_state_dict(reference)
-    assert source["decoder.image_position_idx"].shape == (1026,)
+    grid = (reference.config.code_image_size // 8) ** 2
+    assert source["decoder.image_position_idx"].shape == (1 + grid + 769,)  # 1026 at code_image_size 128
     converted, report = convert_state_dict(source)
     assert report.source_format == "fairseq" and report.preset == "test"
     assert set(report.dropped) == {"encoder.version", "decoder.version", *ofa_buffers(reference.config, 769)}
@@ -138,7 +152,8 @@ def test_fairseq_checkpoint_converts_to_identical_model(reference):
 
 def test_hf_port_checkpoint_converts_to_identical_model(reference):
     source = hf_port_state_dict(reference)
-    assert source["decoder.image_position_idx"].shape == (1025,)
+    grid = (reference.config.code_image_size // 8) ** 2
+    assert source["decoder.image_position_idx"].shape == (1 + grid + 768,)  # 1025 at code_image_size 128
     converted, report = convert_state_dict(source, preset="test")
     assert report.source_format == "hf-port"
     assert report.filled == {"model.decoder.output_projection.weight": "tied to model.encoder.embed_tokens.weight"}
@@ -215,8 +230,12 @@ def test_cli_converts_fairseq_checkpoint_end_to_end(reference, fairseq_checkpoin
     assert_same_model(BiomedGPTForConditionalGeneration.from_pretrained(out).eval(), reference)
 
     assert cli_main(["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out)]) == 1  # exists
-    assert cli_main(["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out),
-                     "--weights", "ema", "--overwrite"]) == 0
+    assert (
+        cli_main(
+            ["convert", str(fairseq_checkpoint_dir / "checkpoint_best.pt"), str(out), "--weights", "ema", "--overwrite"]
+        )
+        == 0
+    )
     ema_model = BiomedGPTForConditionalGeneration.from_pretrained(out)
     embedding = ema_model.state_dict()["model.encoder.embed_tokens.weight"]
     assert torch.equal(embedding, reference.state_dict()["model.encoder.embed_tokens.weight"] * 0.5)
@@ -237,6 +256,20 @@ def test_cli_refuses_malicious_pickle_without_creating_files(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "bad.pt"), str(out)]) == 1
     assert "Refused to load" in capsys.readouterr().err
     assert not marker.exists() and not out.exists()
+
+
+def test_hf_port_directory_with_bart_tokenizer_files(reference, tmp_path):
+    """An OFA-HF-port directory: pytorch_model.bin with HF names beside vocab.json + merges.txt."""
+    source = tmp_path / "ofa-hf"
+    source.mkdir()
+    torch.save(hf_port_state_dict(reference), source / "pytorch_model.bin")
+    corpus = [" what organ is shown? liver", " is this a ct scan? no"] * 30
+    save_tokenizer(train_bpe_tokenizer(corpus, vocab_size=300, num_codes=16, num_bins=10), source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink()
+    report = convert_checkpoint(source, tmp_path / "out", preset="test")
+    assert report.source_format == "hf-port" and report.tokenizer_size <= reference.config.vocab_size
+    assert_same_model(BiomedGPTForConditionalGeneration.from_pretrained(tmp_path / "out").eval(), reference)
 
 
 def test_truncated_checkpoint_gives_clear_error(fairseq_checkpoint_dir, tmp_path):

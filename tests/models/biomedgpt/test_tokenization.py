@@ -148,7 +148,10 @@ def test_vocab_and_merges_only_directory(ofa_tokenizer, tmp_path):
     save_tokenizer(ofa_tokenizer, tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).unlink()
-    assert len(json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))) == 50265
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab) == 59457
+    bart_vocab = {token: i for token, i in vocab.items() if i < 50265}
+    (tmp_path / "vocab.json").write_text(json.dumps(bart_vocab), encoding="utf-8")
     reloaded = load_tokenizer(tmp_path)
     assert len(reloaded) == 59457
     assert reloaded.convert_tokens_to_ids(["<code_0>", "<bin_0>"]) == [50265, 58457]
@@ -193,6 +196,10 @@ def test_trained_tokenizer_has_ofa_families_and_round_trips(tmp_path):
     reloaded = load_tokenizer(tmp_path)
     assert len(reloaded) == len(tok)
     assert reloaded(" chest x-ray ünïcode").input_ids == tok(" chest x-ray ünïcode").input_ids
+    (tmp_path / "tokenizer.json").unlink()  # vocab.json + merges.txt alone keep the custom family sizes
+    from_vocab = load_tokenizer(tmp_path)
+    assert len(from_vocab) == len(tok)
+    assert from_vocab(" a fracture <bin_9><code_15>").input_ids == tok(" a fracture <bin_9><code_15>").input_ids
 
 
 def test_trained_tokenizer_default_families():
