@@ -29,11 +29,12 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for the current launch: gloo on CPU-only hosts, precision, accumulation, jsonl (+ tensorboard)."""
     handlers = []
-    if not torch.cuda.is_available():
+    launched = "LOCAL_RANK" in os.environ  # torchrun / accelerate launch / deepspeed started this process
+    if launched and not torch.cuda.is_available():
         # Without an explicit backend accelerate treats a CPU-only DeepSpeed launch as one process and DeepSpeed's
         # batch-size check fails; gloo gives DDP and ZeRO a working process group on CPUs.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))
-    else:
+    elif launched:
         handlers.append(InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT))
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg),
