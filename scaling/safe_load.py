@@ -101,6 +101,8 @@ def load_state_dict_file(
     `weights="ema"` selects fairseq's EMA copy (`extra_state["ema"]`, with `ema_fp32_params` on top when stored).
     """
     path = Path(path)
+    if weights != "model" and (path.is_dir() or path.suffix == ".safetensors"):
+        raise CheckpointLoadError(f"{path} has no EMA copy: EMA weights live only in fairseq .pt checkpoints.")
     if path.is_dir():
         return _load_model_directory(path, trust_pickle)
     if path.suffix == ".safetensors":

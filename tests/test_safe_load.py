@@ -142,6 +142,8 @@ def test_save_pretrained_directories_single_and_sharded(tmp_path):
     for directory in (single, sharded):
         state_dict = load_state_dict_file(directory)
         assert sorted(state_dict) == ["a", "b"] and torch.equal(state_dict["b"], torch.zeros(3))
+    with pytest.raises(CheckpointLoadError, match="EMA weights live only in fairseq"):
+        load_state_dict_file(single / "model.safetensors", weights="ema")
     with pytest.raises(CheckpointLoadError, match=r"No model weights in .*expected one of model\.safetensors"):
         load_state_dict_file(tmp_path)
 

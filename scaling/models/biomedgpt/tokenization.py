@@ -47,6 +47,11 @@ def fairseq_vocab(encoder_json: Path, dict_txt: Path) -> dict[str, int]:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for line_no, line in enumerate(dict_txt.read_text(encoding="utf-8").splitlines()):
         symbol = line.split(" ", 1)[0]
+        if symbol.isdigit() and int(symbol) not in gpt2_token:
+            raise ValueError(
+                f"{dict_txt} line {line_no + 1}: GPT-2 id {symbol} is not in {encoder_json}; the two files come "
+                "from different BPE vocabularies. Use the encoder.json/vocab.bpe/dict.txt of one OFA release."
+            )
         # dict.txt lines are GPT-2 ids as strings, except fairseq's padding words `madeupword000x`
         token = gpt2_token[int(symbol)] if symbol.isdigit() else symbol
         vocab[token] = len(SPECIAL_TOKENS) + line_no

@@ -171,6 +171,14 @@ def test_missing_files_error_names_directory(tmp_path):
         build_ofa_tokenizer(tmp_path)
 
 
+def test_dict_from_another_bpe_is_named(tmp_path):
+    (tmp_path / "encoder.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b\n")
+    (tmp_path / "dict.txt").write_text("1 50\n7 20\n")
+    with pytest.raises(ValueError, match=r"dict\.txt line 2: GPT-2 id 7 is not in .*encoder\.json"):
+        build_ofa_tokenizer(tmp_path)
+
+
 def test_trained_tokenizer_has_ofa_families_and_round_trips(tmp_path):
     corpus = [
         " what modality is used? ct",
