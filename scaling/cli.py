@@ -21,7 +21,7 @@ def _add_estimate_memory(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a fairseq or OFA-HF BiomedGPT checkpoint into a save_pretrained dir")
-    p.add_argument("source", help="fairseq .pt, HF-port pytorch_model.bin / .safetensors, or a directory holding one")
+    p.add_argument("source", help="fairseq .pt, HF-port pytorch_model.bin / .safetensors, or an HF-port model directory")
     p.add_argument("out_dir", help="output directory (weights, config, tokenizer, conversion.json)")
     p.add_argument("--bpe-dir", help="tokenizer files (encoder.json+vocab.bpe+dict.txt, or vocab.json+merges.txt); "
                                      "default: the checkpoint's own directory")
