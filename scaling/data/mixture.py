@@ -14,7 +14,8 @@ uninterrupted one would have seen:
                       rank=rank, world_size=world_size, batch_size=16)
     loader = DataLoader(mixture, batch_size=16, collate_fn=collator)
     ...
-    state = mixture.state_dict()            # with num_workers=0: what this process consumed
+    sample = mixture.next()                 # or draw directly, without a DataLoader
+    state = mixture.state_dict()            # with num_workers=0 or next(): what this process consumed
     state = mixture.state_dict(consumed=n)  # with worker processes: n = samples this rank consumed since start
 
 With DataLoader workers, worker w takes every num_workers-th block of `batch_size` samples, so batches arrive in the
@@ -110,6 +111,12 @@ class Mixture(IterableDataset):
                 permutation = np.random.default_rng([self.seed, _PERMUTATION, i, int(cycle)]).permutation(size)
                 index[slots[in_cycle]] = permutation[draws[in_cycle] % size]
         return which, index
+
+    def next(self):
+        """The next sample of this rank's stream, for loops that draw samples without a DataLoader."""
+        which, index = self.locate(self.start + self.consumed * self.world_size + self.rank)
+        self.consumed += 1
+        return self.datasets[which][index]
 
     def __iter__(self) -> Iterator:
         worker = get_worker_info()

@@ -78,6 +78,15 @@ def test_resumed_run_sees_exactly_what_an_uninterrupted_run_sees(world_size):
         assert second_state["epoch"] * first.epoch_length + second_state["position"] == 25 * 4 * world_size
 
 
+def test_drawing_with_next_follows_the_same_stream_and_resumes():
+    stream = list(itertools.islice(iter(Mixture(datasets(), seed=4)), 70))
+    first = Mixture(datasets(), seed=4)
+    drawn = [first.next() for _ in range(30)]
+    resumed = Mixture(datasets(), seed=4)
+    resumed.load_state_dict(first.state_dict())
+    assert drawn + [resumed.next() for _ in range(40)] == stream
+
+
 def test_worker_processes_give_the_same_batches_and_resume_from_a_consumed_count():
     def build():
         return Mixture(datasets(), seed=11, batch_size=4)
