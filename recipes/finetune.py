@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         save_run_model_info(run_dir, model.config, tokenizer)
     stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
-                         seed=cfg.train.seed + accelerator.process_index)
+                         accelerator.process_index, accelerator.num_processes)
 
     # 4. optimizer, schedule, EMA; one prepare() call wraps everything for the launch topology
     optimizer = build_optimizer(model, cfg.train)

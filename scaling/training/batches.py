@@ -2,7 +2,7 @@
 
     sources = training_sources(cfg)                      # cfg.data.sources, or the synthetic data (generated once)
     records = load_split(sources, cfg.data, "train")     # {source name: [Record, ...]}
-    stream = BatchStream(records, sources, cfg, tokenizer, image_size, seed=cfg.train.seed + rank)
+    stream = BatchStream(records, sources, cfg, tokenizer, image_size, rank, world_size)
     batch = stream.next_batch(device)                    # the model's forward kwargs
 
 The stream's whole position is the mixture's state: `state_dict()` goes into every checkpoint, so a resumed run draws
@@ -74,17 +74,20 @@ def tokenizer_corpus(records: dict[str, list[Record]]) -> list[str]:
 
 
 class BatchStream:
-    """This rank's endless stream of micro-batches, drawn from a seeded mixture of the sources."""
+    """This rank's endless stream of micro-batches: a seeded mixture of the sources, augmented images, optional
+    instruction formatting. Its state (mixture position, augmentation RNG) is all a resumed run needs."""
 
     def __init__(self, records: dict[str, list[Record]], sources: list[SourceArgs], cfg: Config, tokenizer,
-                 image_size: int, seed: int):
+                 image_size: int, rank: int, world_size: int, instruction=None):
         from scaling.data.collate import Collator
+        from scaling.data.images import ImageTransform
         from scaling.data.mixture import Mixture
 
-        weights = [s.weight for s in sources]
-        self.mixture = Mixture(list(records.values()), weights, cfg.data.temperature, seed)
+        self.mixture = Mixture(records, [s.weight for s in sources], cfg.data.temperature, cfg.train.seed,
+                               rank=rank, world_size=world_size, batch_size=cfg.train.batch_size)
+        self.transform = ImageTransform(image_size, train=True, seed=cfg.train.seed * 1000 + rank)
         self.collator = Collator(tokenizer, image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
-                                 cfg.data.prompt_type)
+                                 cfg.data.prompt_type, instruction=instruction, transform=self.transform)
         self.batch_size = cfg.train.batch_size
 
     def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,7 +96,10 @@ class BatchStream:
         return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
 
     def state_dict(self) -> dict:
-        return self.mixture.state_dict()
+        version, internal, gauss = self.transform.rng.getstate()
+        return {"mixture": self.mixture.state_dict(), "augment_rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mixture.load_state_dict(state)
+        self.mixture.load_state_dict(state["mixture"])
+        version, internal, gauss = state["augment_rng"]
+        self.transform.rng.setstate((version, tuple(internal), gauss))
