@@ -17,6 +17,7 @@ from scaling.models.biomedgpt.convert import (
     convert_state_dict,
     dummy_batch,
     fairseq_key,
+    our_key,
 )
 from scaling.models.biomedgpt.tokenization import save_tokenizer, train_bpe_tokenizer
 from scaling.safe_load import CheckpointLoadError
@@ -118,6 +119,84 @@ def assert_same_model(converted, reference):
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
+
+
+# HF-port keys as listed in reference/biomedgpt_ofa.md §2.7 (layer 0), independent of the model's code
+HF_PORT_KEYS = [
+    "encoder.embed_tokens.weight",
+    "encoder.type_embedding.weight",
+    "encoder.layernorm_embedding.weight",
+    "encoder.patch_layernorm_embedding.bias",
+    "encoder.embed_images.conv1.weight",
+    "encoder.embed_images.bn1.running_var",
+    "encoder.embed_images.layer1.0.conv3.weight",
+    "encoder.embed_images.layer2.0.downsample.0.weight",
+    "encoder.embed_images.layer3.0.downsample.1.num_batches_tracked",
+    "encoder.image_proj.weight",
+    "encoder.embed_positions.weight",
+    "encoder.embed_image_positions.weight",
+    "encoder.pos_ln.weight",
+    "encoder.image_pos_ln.bias",
+    "encoder.pos_q_linear.weight",
+    "encoder.pos_k_linear.bias",
+    "encoder.layers.0.self_attn.q_proj.weight",
+    "encoder.layers.0.self_attn.out_proj.bias",
+    "encoder.layers.0.self_attn.c_attn",
+    "encoder.layers.0.self_attn_layer_norm.weight",
+    "encoder.layers.0.self_attn_mid_layer_norm.weight",
+    "encoder.layers.0.fc1.weight",
+    "encoder.layers.0.fc2.bias",
+    "encoder.layers.0.ffn_layer_norm.weight",
+    "encoder.layers.0.final_layer_norm.bias",
+    "encoder.layer_norm.weight",
+    "encoder.token_rel_pos_table_list.0.weight",
+    "encoder.image_rel_pos_table_list.0.weight",
+    "decoder.embed_tokens.weight",
+    "decoder.output_projection.weight",
+    "decoder.layernorm_embedding.weight",
+    "decoder.code_layernorm_embedding.bias",
+    "decoder.embed_positions.weight",
+    "decoder.embed_image_positions.weight",
+    "decoder.pos_ln.weight",
+    "decoder.image_pos_ln.weight",
+    "decoder.self_pos_q_linear.weight",
+    "decoder.self_pos_k_linear.bias",
+    "decoder.cross_pos_q_linear.weight",
+    "decoder.cross_pos_k_linear.bias",
+    "decoder.layers.0.self_attn.k_proj.weight",
+    "decoder.layers.0.self_attn.c_attn",
+    "decoder.layers.0.self_attn_layer_norm.weight",
+    "decoder.layers.0.self_attn_mid_layer_norm.bias",
+    "decoder.layers.0.cross_attn.v_proj.weight",
+    "decoder.layers.0.cross_attn.c_attn",
+    "decoder.layers.0.cross_attn_layer_norm.weight",
+    "decoder.layers.0.cross_attn_mid_layer_norm.weight",
+    "decoder.layers.0.fc1.bias",
+    "decoder.layers.0.ffn_layer_norm.bias",
+    "decoder.layers.0.final_layer_norm.weight",
+    "decoder.layer_norm.bias",
+    "decoder.token_rel_pos_table_list.0.weight",
+    "decoder.image_rel_pos_table_list.0.weight",
+]
+# fairseq names of the renamed parameters (§2.7 "Fairseq -> HF renames")
+FAIRSEQ_TO_HF_PORT = {
+    "encoder.layers.0.attn_ln.weight": "encoder.layers.0.self_attn_mid_layer_norm.weight",
+    "decoder.layers.0.self_attn_ln.weight": "decoder.layers.0.self_attn_mid_layer_norm.weight",
+    "decoder.layers.0.cross_attn_ln.bias": "decoder.layers.0.cross_attn_mid_layer_norm.bias",
+    "encoder.layers.1.ffn_layernorm.weight": "encoder.layers.1.ffn_layer_norm.weight",
+    "decoder.layers.1.encoder_attn.q_proj.weight": "decoder.layers.1.cross_attn.q_proj.weight",
+    "decoder.layers.1.encoder_attn.c_attn": "decoder.layers.1.cross_attn.c_attn",
+    "decoder.layers.0.encoder_attn_layer_norm.weight": "decoder.layers.0.cross_attn_layer_norm.weight",
+}
+
+
+def test_reference_key_lists_map_onto_the_model(reference):
+    model_keys = set(reference.state_dict())
+    assert {our_key(k) for k in HF_PORT_KEYS} <= model_keys
+    for fairseq, hf_port in FAIRSEQ_TO_HF_PORT.items():
+        assert our_key(fairseq) == our_key(hf_port) == "model." + hf_port
+        assert our_key(fairseq) in model_keys
+        assert fairseq_key("model." + hf_port) == fairseq
 
 
 def test_fairseq_names_follow_the_reference_renames(reference):
