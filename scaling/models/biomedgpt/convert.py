@@ -27,7 +27,8 @@ Tied weights: `decoder.embed_tokens` and `decoder.output_projection` must equal 
 the checkpoint lacks, stops the conversion with the full list.
 
 Nothing is written until the converted model has been saved to a staging directory, reloaded from disk, and shown to
-give the same tensors and logits as the in-memory model; the staging directory is then renamed into place.
+give the same tensors and logits as the in-memory model; the staging directory is then renamed into place. Weights
+are stored in float32 whatever the source precision (fairseq --fp16 checkpoints hold float16 tensors).
 """
 
 import json
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from scaling.logging import get_logger
 from scaling.safe_load import load_state_dict_file
@@ -362,7 +364,7 @@ def convert_checkpoint(
     report.source, report.weights, report.tokenizer_size = str(source), weights, len(tokenizer)
     logger.info(
         f"{source}: {report.source_format} checkpoint, preset {report.preset or 'custom'}, {report.tensors} tensors; "
-        f"dropped {len(report.dropped)} checked buffers, filled {len(report.filled)} tied copies"
+        f"dropped {len(report.dropped)} checked buffers, filled {len(report.filled)} absent keys"
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
@@ -378,7 +380,7 @@ def convert_checkpoint(
     return report
 
 
-def find_tokenizer(source: Path, bpe_dir: str | Path | None):
+def find_tokenizer(source: Path, bpe_dir: str | Path | None) -> PreTrainedTokenizerFast:
     """The tokenizer from `bpe_dir` when given, else from the checkpoint's own directory."""
     directory = Path(bpe_dir) if bpe_dir else (source if source.is_dir() else source.parent)
     try:
@@ -396,7 +398,7 @@ def replace_directory(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    retired = out_dir.with_name(f".{out_dir.name}.replaced")
+    retired = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
     out_dir.rename(retired)
     staging.rename(out_dir)
     shutil.rmtree(retired)
