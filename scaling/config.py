@@ -221,6 +221,25 @@ class PeftArgs:
     """Prefix tuning reparameterises the prefix through an MLP; P-tuning v2 (ptv2) never does."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: load frozen base linears in 4-bit NF4 or 8-bit through bitsandbytes, adapters on top."""
+    quant_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the 4-bit layers dequantise to for their matmul (QLoRA used bfloat16 on GPUs); adapters stay float32."""
+    double_quant: bool = True
+    """NF4 only: also quantise the per-block scales (QLoRA's double quantisation, ~0.4 bit/param saved)."""
+    vision_modules: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "downsample.0", "image_proj"])
+    """Vision LoRA/DoRA/IA3 targets (module-name suffixes): every ResNet conv and the image projection, the analogue
+    of MILE's ViT LoRA on qkv/proj/fc1/fc2 + patch conv."""
+    encoder_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Encoder LoRA/DoRA targets (suffixes): query and value projections, MILE's (peft's BERT default) choice."""
+    decoder_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Decoder LoRA/DoRA targets (suffixes); matches self- and cross-attention, as MILE's did."""
+    ia3_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "fc2"])
+    """Encoder/decoder IA3 targets: keys and values (output scaling) and fc2 (input scaling), as in the IA3 paper."""
+    ia3_feedforward_modules: list[str] = field(default_factory=lambda: ["fc2"])
+    """IA3 targets scaled on their input (the FFN activation); a subset of ia3_modules. MILE's peft BERT default also
+    hit the attention output by suffix match: set ia3_modules [k_proj, v_proj, out_proj, fc2] and this
+    [out_proj, fc2] to reproduce it."""
+    prefix_hidden_size: int | None = None
+    """Hidden width of the prefix MLP (prefix with prefix_projection); None: the model width, as in MILE."""
 
     @property
     def enabled(self) -> bool:
@@ -237,6 +256,18 @@ class PeftArgs:
             out.append(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if self.num_virtual_tokens < 1:
             out.append(f"peft.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        for name in ("vision_modules", "encoder_modules", "decoder_modules", "ia3_modules"):
+            if not getattr(self, name):
+                out.append(f"peft.{name} is empty; list the module-name suffixes to adapt (see its default)")
+        stray = sorted(set(self.ia3_feedforward_modules) - set(self.ia3_modules))
+        if stray:
+            out.append(f"peft.ia3_feedforward_modules {stray} are not in peft.ia3_modules; feed-forward modules must be "
+                       "a subset of the IA3 targets")
+        if self.quantize == "int8" and "dora" in (self.vision, self.encoder, self.decoder):
+            out.append("peft.quantize=int8 with dora is refused: peft's DoRA on bitsandbytes 8-bit layers loses the "
+                       "weight scales after a backward pass; use quantize=nf4 (QDoRA) or lora")
+        if self.prefix_hidden_size is not None and self.prefix_hidden_size < 1:
+            out.append(f"peft.prefix_hidden_size must be >= 1 or null, got {self.prefix_hidden_size}")
         if self.quantize != "none":
             full = [c for c in ("vision", "encoder", "decoder") if getattr(self, c) == "full"]
             if full:
