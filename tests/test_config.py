@@ -97,3 +97,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_data_sources_checked_against_the_loader_registry():
+    cfg = load_config(None, ["data.sources=[{name: vqarad, path: /x}, {name: vqa_rad, path: /x, options: {foo: 1}}]"])
+    text = "\n".join(cfg.problems())
+    assert "'vqarad': unknown" in text
+    assert "unknown option(s) foo" in text
