@@ -466,9 +466,11 @@ class BiomedGPTEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
-        **kwargs,
     ) -> BiomedGPTEncoderOutput:
-        """Encode [image patches; text]; text-only when `pixel_values` is None or `patch_masks` is False."""
+        """Encode [image patches; text]; text-only when `pixel_values` is None or `patch_masks` is False.
+
+        Always returns a `BiomedGPTEncoderOutput`; `return_dict` is accepted because `generate()` passes it.
+        """
         x = self.embed_text(input_ids, inputs_embeds)
         batch, text_len, _ = x.shape
         device = x.device
@@ -748,12 +750,11 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
         code_masks=None,
         output_attentions=None,
         output_hidden_states=None,
-        **kwargs,
     ) -> Seq2SeqModelOutput:
         """Encode (unless `encoder_outputs` is given) and decode; returns decoder hidden states."""
         output_attentions = bool(output_attentions)
         output_hidden_states = bool(output_hidden_states)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids,
@@ -855,7 +856,6 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> Seq2SeqLMOutput | tuple:
         """Logits over the vocabulary for every decoder position; loss when `labels` (-100 = ignore) are given."""
         if labels is not None:

@@ -193,6 +193,25 @@ def test_image_tokens_come_first_and_change_the_output(model, batch):
 
 
 @torch.no_grad()
+def test_inputs_embeds_attentions_and_hidden_states(model, batch):
+    out = model(**batch, decoder_input_ids=DECODER_INPUT, output_attentions=True, output_hidden_states=True)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    from_embeds = model(**{**batch, "input_ids": None}, inputs_embeds=embeds, decoder_input_ids=DECODER_INPUT)
+    assert (from_embeds.logits - out.logits).abs().max().item() <= 1e-5
+    source, target, layers = out.encoder_last_hidden_state.shape[1], DECODER_INPUT.shape[1], model.config.encoder_layers
+    heads = model.config.encoder_attention_heads
+    assert len(out.encoder_hidden_states) == len(out.decoder_hidden_states) == layers + 1
+    assert out.encoder_attentions[0].shape == (3, heads, source, source)
+    assert out.decoder_attentions[0].shape == (3, heads, target, target)
+    assert out.cross_attentions[0].shape == (3, heads, target, source)
+    image_less = out.cross_attentions[-1][1, :, :, : (IMAGE_SIZE // 16) ** 2]  # sample 1 has no image
+    assert image_less.abs().max().item() == 0.0
+    assert torch.allclose(out.decoder_attentions[0].sum(-1), torch.ones(3, heads, target))
+    with pytest.raises(TypeError, match="patch_mask"):
+        model(**batch, decoder_input_ids=DECODER_INPUT, patch_mask=batch["patch_masks"])
+
+
+@torch.no_grad()
 def test_sdpa_equals_eager(batch):
     sdpa = build_model()
     eager = build_model(attn_implementation="eager")
