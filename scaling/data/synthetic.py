@@ -10,14 +10,17 @@ at 64-96 pixels within minutes on a CPU:
                 fan-shaped field with speckle
     plane       body outline: axial = wide ellipse; coronal = tall rounded box; sagittal = tall, flat-backed profile
     organ       inner anatomy: brain = skull ring + ventricles; chest = two lungs + heart; abdomen = liver,
-                kidneys and gas bubbles
-    lesions     round blobs with a contrasting rim, all in one region (left/right/upper/lower/center), one size
+                kidneys and a bowel loop
+    lesions     round blobs with a contrasting rim, drawn over the texture, all in one region
+                (left/right/upper/lower/center), one size (small/medium/large), spaced so they can be counted
 
 Left and right follow the radiological convention: the patient's left is on the image's right.
 
 The files are written in the formats the real loaders read (scaling/data/sources): SLAKE json for VQA, an IU X-ray
 tsv for captions, a MedMNIST-style npz for classification, MedNLI jsonl, a BiomedGPT summarization tsv and PubMedQA
-json. Same seed, same arguments: byte-identical files. Train and test are split by image.
+json. Same seed, same arguments: byte-identical files. Train, validation and test are split by image; formats
+without a validation file (IU X-ray captions: the last rows of the train file, PubMedQA: none) say so in their
+loader options.
 """
 
 from __future__ import annotations
@@ -681,8 +684,8 @@ _SUBDIRS = ("slake", "captions", "classify", "nli", "summarize", "qa")
 
 def _layout(root: Path, spec: SyntheticSpec) -> SyntheticData:
     """Which loader reads which folder, with the options that make it read the synthetic files right."""
-    n_train_captions = sum(s in ("train", "validation") for s in assign_splits(spec))
-    n_val = sum(s == "validation" for s in assign_splits(spec))
+    splits = assign_splits(spec)
+    n_train_captions, n_val = sum(s != "test" for s in splits), splits.count("validation")
     sources = [
         SyntheticSource("vqa", "slake", root / "slake", {}),
         SyntheticSource("caption", "caption_tsv", root / "captions",
