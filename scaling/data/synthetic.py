@@ -18,9 +18,9 @@ Left and right follow the radiological convention: the patient's left is on the 
 
 The files are written in the formats the real loaders read (scaling/data/sources): SLAKE json for VQA, an IU X-ray
 tsv for captions, a MedMNIST-style npz for classification, MedNLI jsonl, a BiomedGPT summarization tsv and PubMedQA
-json. Same seed, same arguments: byte-identical files. Train, validation and test are split by image; formats
-without a validation file (IU X-ray captions: the last rows of the train file, PubMedQA: none) say so in their
-loader options.
+json. Same seed, same arguments: byte-identical files. Train, validation and test are split by image. Two formats
+have no validation file: the caption tsv keeps the validation images as the last rows of its train file (read back
+with the loader's validation_fraction), and PubMedQA, which has no validation split, trains on them.
 """
 
 from __future__ import annotations
