@@ -1,0 +1,85 @@
+"""Helpers for the recipe tests: run a recipe (plain python or `accelerate launch`), watch its step log, kill it,
+read its checkpoints. The recipes always run as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scaling.training.checkpoint import checkpoint_dir, read_checkpoint_weights
+from scaling.training.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_CONFIG = ROOT / "recipes" / "configs" / "biomedgpt" / "test_finetune.yaml"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def recipe_args(run_dir: Path, cache_dir: Path, *overrides: str, recipe: str = "finetune.py",
+                config: Path | None = TEST_CONFIG) -> list[str]:
+    """The recipe script, its config and the overrides every test run shares."""
+    args = [str(ROOT / "recipes" / recipe)]
+    if config is not None:
+        args += ["--config", str(config)]
+    return args + [f"train.output_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]
+
+
+def launch_args(accelerate_config: str, num_processes: int = 2, port: int = 29500, *extra: str) -> list[str]:
+    return [*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs" / accelerate_config),
+            "--num_processes", str(num_processes), "--main_process_port", str(port), *extra]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: int = 600, expect: int | None = 0) -> subprocess.CompletedProcess:
+    """Run to completion from the repository root; on an unexpected exit status show the output."""
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if expect is not None and done.returncode != expect:
+        raise AssertionError(f"exit status {done.returncode} (expected {expect}) for {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-8000:]}")
+    return done
+
+
+def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """Start in its own process group, so a kill reaches the launcher and every worker."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until the step log shows `step` (the run is still going)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r.get("step", 0) >= step for r in read_metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
+    os.killpg(proc.pid, sig)
+    return proc.wait(timeout=120)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir)]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return read_checkpoint_weights(checkpoint_dir(run_dir, step))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
