@@ -352,10 +352,19 @@ class Runtime:
 
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         offload_vars = ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+        offload = any(os.environ.get(v, "none") not in ("none", "") for v in offload_vars)
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if deepspeed and ds_file and Path(ds_file).is_file():  # accelerate YAMLs that point at a DeepSpeed JSON
+            import json
+
+            zero = json.loads(Path(ds_file).read_text()).get("zero_optimization", {})
+            stage = int(zero.get("stage", 0))
+            offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
         return cls(
             cuda=torch.cuda.is_available(),
-            zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if deepspeed else 0,
-            offload=any(os.environ.get(v, "none") not in ("none", "") for v in offload_vars),
+            zero_stage=stage if deepspeed else 0,
+            offload=offload,
             num_processes=int(os.environ.get("WORLD_SIZE", "1")),
         )
 
@@ -406,6 +415,9 @@ def _runtime_problems(cfg: Config, rt: Runtime) -> list[str]:
     if cfg.train.mixed_precision == "fp16" and not rt.cuda:
         out.append("train.mixed_precision=fp16 needs CUDA (fp16 autocast on CPU is slow and numerically unsafe); "
                    "use bf16 on CPU")
+    if cfg.train.ema_decay > 0 and rt.zero_stage == 3:
+        out.append("train.ema_decay > 0 keeps full fp32 weight averages on every rank, which ZeRO-3 shards away; "
+                   "set train.ema_decay=0 or use ZeRO-2")
     if rt.offload and rt.zero_stage == 0:
         out.append("CPU offload is a DeepSpeed ZeRO feature: pick zero2/zero3 offload configs, not plain DDP")
     if cfg.peft.quantize != "none" and rt.zero_stage not in QLORA_ZERO_STAGES:
