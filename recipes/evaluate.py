@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluations = []
     for path in checkpoints_to_evaluate(cfg):
         model, tokenizer, info = load_for_eval(path, cfg.eval.base_checkpoint)
-        collator = eval_collator(tokenizer, cfg, model.config)
+        collator = eval_collator(tokenizer, cfg, model.config, [r for recs in datasets.values() for r in recs])
         model = prepare_model(model, accelerator, cfg)
         for name, records in datasets.items():
             evaluations.append(evaluate_dataset(model, tokenizer, records, name, cfg, accelerator, collator, info,

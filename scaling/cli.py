@@ -85,6 +85,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
                    help="auto: the task's BiomedGPT decoding")
     p.add_argument("--beam", type=int, default=1, help="beam size (generate/constrained modes)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt-type", default="none", choices=("none", "prev_output"),
+                   help="the decoder prompt layout the checkpoint was trained with")
     p.add_argument("--json", action="store_true", help="print the result as JSON (with candidate scores)")
     p.set_defaults(func=_run_infer)
 
@@ -102,7 +104,7 @@ def _run_infer(args: argparse.Namespace) -> int:
     eval_args = EvalArgs(mode=args.mode, beam=args.beam, max_new_tokens=args.max_new_tokens)
     try:
         result = infer(args.checkpoint, args.task, {k: v for k, v in fields.items() if v}, args.image, candidates,
-                       eval_args, args.base_checkpoint)
+                       eval_args, args.base_checkpoint, args.prompt_type)
     except (CheckpointNotFound, FileNotFoundError, ValueError) as error:
         print(f"scaling infer: {error}", file=sys.stderr)
         return 1

@@ -154,19 +154,68 @@ class TrieConstraint(LogitsProcessor):
 ENCODER_KEYS = ("input_ids", "attention_mask", "pixel_values", "patch_masks")
 
 
-def encoder_inputs(batch: dict) -> dict:
-    """The batch entries the encoder reads (a collated batch also carries targets and ids)."""
-    return {k: batch[k] for k in ENCODER_KEYS if batch.get(k) is not None}
+def encoder_inputs(batch: dict, rows: Sequence[int] | None = None) -> dict:
+    """The batch entries the encoder reads (a collated batch also carries targets and ids), optionally some rows."""
+    inputs = {k: batch[k] for k in ENCODER_KEYS if batch.get(k) is not None}
+    return inputs if rows is None else {k: v[list(rows)] for k, v in inputs.items()}
+
+
+def decoder_prefixes(batch: dict, start_token: int) -> list[list[int]]:
+    """Each sample's decoder prefix: `<s>` alone, or `<s> prompt` under prompt_type=prev_output.
+
+    The collator marks prev_output prompts with leading -100 labels and writes the prompt into decoder_input_ids,
+    so the prefix is read off the batch; batches without decoder inputs start from the decoder start token.
+    """
+    if batch.get("decoder_input_ids") is None or batch.get("labels") is None:
+        return [[start_token] for _ in range(batch["input_ids"].shape[0])]
+    prefixes = []
+    for inputs, labels in zip(batch["decoder_input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        prompt_length = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        prefixes.append(inputs[:1 + prompt_length])
+    return prefixes
+
+
+def _groups_by_length(prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Rows grouped by prefix length: generate() needs one decoder length per call, and positions start at 0."""
+    groups: dict[int, list[int]] = {}
+    for row, prefix in enumerate(prefixes):
+        groups.setdefault(len(prefix), []).append(row)
+    return [groups[length] for length in sorted(groups)]
 
 
 def generate_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_sets: Sequence[CandidateSet] | None,
-                   synced_gpus: bool = False) -> list[str]:
-    """Decode one batch with `model.generate()`; constrained when candidate sets are given (one per sample)."""
+                   synced_gpus: bool = False, sync_count: Callable[[int], int] | None = None) -> list[str]:
+    """Decode one batch with `model.generate()`; constrained when candidate sets are given (one per sample).
+
+    Samples with decoder prefixes of different lengths (prev_output) are decoded in one call per length;
+    `sync_count` (max over ranks) makes every rank run as many calls, since synced generation is collective.
+    """
+    prefixes = decoder_prefixes(batch, model.config.decoder_start_token_id)
+    groups = _groups_by_length(prefixes)
+    total = sync_count(len(groups)) if sync_count else len(groups)
+    answers: list[str | None] = [None] * len(prefixes)
+    for i in range(total):
+        rows = groups[min(i, len(groups) - 1)]  # extra calls repeat the last group for the slower ranks' sake
+        sets = [candidate_sets[r] for r in rows] if candidate_sets is not None else None
+        texts = _generate_rows(model, tokenizer, encoder_inputs(batch, rows), [prefixes[r] for r in rows], decoding,
+                               sets, synced_gpus)
+        if i < len(groups):
+            for row, text in zip(rows, texts, strict=True):
+                answers[row] = text
+    return answers
+
+
+def _generate_rows(model, tokenizer, inputs: dict, prefixes: list[list[int]], decoding: Decoding,
+                   candidate_sets: Sequence[CandidateSet] | None, synced_gpus: bool) -> list[str]:
+    """One generate() call for rows sharing a prefix length; returns the text after the prefix."""
+    prefix_length = len(prefixes[0])
     processors = LogitsProcessorList()
     if candidate_sets is not None:
-        processors.append(TrieConstraint([c.trie for c in candidate_sets], decoding.beam, 1, tokenizer.pad_token_id))
+        tries = [c.trie for c in candidate_sets]
+        processors.append(TrieConstraint(tries, decoding.beam, prefix_length, tokenizer.pad_token_id))
     output = model.generate(
-        **encoder_inputs(batch),
+        **inputs,
+        decoder_input_ids=torch.tensor(prefixes, device=inputs["input_ids"].device),
         num_beams=decoding.beam,
         max_new_tokens=decoding.max_new_tokens,
         length_penalty=decoding.length_penalty,
@@ -176,7 +225,7 @@ def generate_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_
         synced_gpus=synced_gpus,
         use_cache=True,
     )
-    generated = output[:, 1:].tolist()  # drop the decoder start token
+    generated = output[:, prefix_length:].tolist()
     if candidate_sets is None:
         return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return [_constrained_answer(tokens, c, tokenizer) for tokens, c in zip(generated, candidate_sets, strict=True)]
@@ -209,12 +258,14 @@ def _pad(rows: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def _trie_mask(sequences: Sequence[Sequence[int]], tries: Sequence[CandidateTrie], vocab: int, device) -> torch.Tensor:
-    """(N, T, V) bool: the tokens the trie allows at each teacher-forced step of each sequence."""
-    mask = torch.zeros(len(sequences), max(len(s) for s in sequences), vocab, dtype=torch.bool)
-    for n, (sequence, trie) in enumerate(zip(sequences, tries, strict=True)):
+def _trie_mask(sequences: Sequence[Sequence[int]], offsets: Sequence[int], tries: Sequence[CandidateTrie],
+               shape: tuple[int, int, int], device) -> torch.Tensor:
+    """(N, T, V) bool: the tokens the trie allows at each teacher-forced candidate step (all tokens elsewhere)."""
+    mask = torch.ones(shape, dtype=torch.bool)
+    for n, (sequence, offset, trie) in enumerate(zip(sequences, offsets, tries, strict=True)):
         for t in range(len(sequence)):
-            mask[n, t, trie.allowed(sequence[:t])] = True
+            mask[n, offset + t] = False
+            mask[n, offset + t, trie.allowed(sequence[:t])] = True
     return mask.to(device)
 
 
@@ -230,33 +281,37 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, allowed: torc
 
 
 def score_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_sets: Sequence[CandidateSet],
-                sync_chunks: Callable[[int], int] | None = None) -> tuple[list[str], list[list[float]]]:
+                sync_count: Callable[[int], int] | None = None) -> tuple[list[str], list[list[float]]]:
     """Teacher-forced log-probability of every candidate of every sample; returns the argmax answers and all scores.
 
-    `sync_chunks(n) -> max n over ranks` keeps ranks in lockstep under ZeRO-3 (every forward is a collective there):
-    a rank with fewer chunks runs its last chunk again for nothing.
+    The decoder reads `prefix + candidate` (prefix = `<s>`, or `<s> prompt` under prev_output) and only the
+    candidate's tokens and EOS are scored. `sync_count(n) -> max n over ranks` keeps ranks in lockstep under ZeRO-3
+    (every forward is a collective there): a rank with fewer chunks runs its last chunk again for nothing.
     """
     batch_size = batch["input_ids"].shape[0]
     device = batch["input_ids"].device
+    prefixes = decoder_prefixes(batch, model.config.decoder_start_token_id)
     encoder_output = model.get_encoder()(**encoder_inputs(batch))
     pairs = [(s, c) for s, cands in enumerate(candidate_sets) for c in range(len(cands.token_ids))]
     chunks = [pairs[i:i + decoding.score_chunk] for i in range(0, len(pairs), decoding.score_chunk)]
-    total = sync_chunks(len(chunks)) if sync_chunks else len(chunks)
+    total = sync_count(len(chunks)) if sync_count else len(chunks)
     scores: list[list[float]] = [[0.0] * len(c.token_ids) for c in candidate_sets]
-    start = model.config.decoder_start_token_id
     for i in range(total):
         chunk = chunks[min(i, len(chunks) - 1)]
         sequences = [candidate_sets[s].token_ids[c] for s, c in chunk]
+        offsets = [len(prefixes[s]) - 1 for s, _ in chunk]  # label position of the candidate's first token
         index = torch.tensor([s for s, _ in chunk], device=device)
-        decoder_input_ids = _pad([[start, *seq[:-1]] for seq in sequences], tokenizer.pad_token_id, device)
-        labels = _pad(sequences, -100, device)
+        decoder_input_ids = _pad([prefixes[s] + seq[:-1] for (s, _), seq in zip(chunk, sequences, strict=True)],
+                                 tokenizer.pad_token_id, device)
+        labels = _pad([[-100] * offset + seq for offset, seq in zip(offsets, sequences, strict=True)], -100, device)
         logits = model(encoder_outputs=_select_samples(encoder_output, index, batch_size),
                        decoder_input_ids=decoder_input_ids, use_cache=False).logits
         if i >= len(chunks):
             continue  # a padding pass that only kept this rank in step with the others
         allowed = None
         if decoding.score_normalize == "trie":
-            allowed = _trie_mask(sequences, [candidate_sets[s].trie for s, _ in chunk], logits.shape[-1], device)
+            tries = [candidate_sets[s].trie for s, _ in chunk]
+            allowed = _trie_mask(sequences, offsets, tries, tuple(logits.shape), device)
         for (s, c), value in zip(chunk, sequence_log_probs(logits, labels, allowed).tolist(), strict=True):
             scores[s][c] = value
     answers = [cands.answers[max(range(len(row)), key=row.__getitem__)] for cands, row in zip(candidate_sets, scores,
@@ -270,13 +325,13 @@ def score_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_set
 
 def predict_batch(model, tokenizer, batch: dict, records: Sequence[Record], task: Task, decoding: Decoding,
                   candidates: CandidateCache | None = None, synced_gpus: bool = False,
-                  sync_chunks: Callable[[int], int] | None = None) -> list[str]:
+                  sync_count: Callable[[int], int] | None = None) -> list[str]:
     """Predictions for one collated batch of `records` of one task, in the configured mode."""
     if decoding.mode == "generate":
-        return generate_batch(model, tokenizer, batch, decoding, None, synced_gpus)
+        return generate_batch(model, tokenizer, batch, decoding, None, synced_gpus, sync_count)
     candidates = candidates or CandidateCache(task, tokenizer)
     candidate_sets = [candidates(r) for r in records]
     if decoding.mode == "constrained":
-        return generate_batch(model, tokenizer, batch, decoding, candidate_sets, synced_gpus)
-    answers, _ = score_batch(model, tokenizer, batch, decoding, candidate_sets, sync_chunks)
+        return generate_batch(model, tokenizer, batch, decoding, candidate_sets, synced_gpus, sync_count)
+    answers, _ = score_batch(model, tokenizer, batch, decoding, candidate_sets, sync_count)
     return answers

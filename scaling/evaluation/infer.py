@@ -37,9 +37,12 @@ def make_record(task_name: str, text: dict[str, str], image: str | Path | None =
 
 def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = None, image: str | Path | None = None,
           candidates: Sequence[str] | None = None, args: EvalArgs | None = None, base: str | Path | None = None,
-          device: str | None = None) -> dict:
-    """{"prediction", "prompt", "mode", "scores" (score mode: log-probability per candidate)} for one input."""
-    from scaling.data.collate import Collator
+          prompt_type: str = "none", device: str | None = None) -> dict:
+    """{"prediction", "prompt", "mode", "scores" (score mode: log-probability per candidate)} for one input.
+
+    `prompt_type` must be the one the checkpoint was trained with (prev_output for BiomedGPT's VQA fine-tuning).
+    """
+    from scaling.data.collate import Collator, Sample
 
     args = args or EvalArgs()
     record = make_record(task_name, text or {}, image, candidates)
@@ -50,9 +53,10 @@ def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = 
     decoding = decoding_for(task, args)
     if decoding.mode != "generate" and not task.candidates(record):
         decoding = decoding_for(task, EvalArgs(**{**args.__dict__, "mode": "generate"}))
-    collator = Collator(tokenizer, model.config.image_size, 1024, 8, "none")
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator([record]).items()}
-    out = {"prompt": task.prompt(record), "mode": decoding.mode}
+    collator = Collator(tokenizer, model.config.image_size, model.config.max_positions, 2, prompt_type)
+    sample = Sample(record.id, task.name, task.prompt(record), "", record.image)  # no answer: an empty target
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator([sample]).items()}
+    out = {"prompt": sample.prompt, "mode": decoding.mode}
     with torch.no_grad():
         if decoding.mode == "score":
             candidate_set = CandidateCache(task, tokenizer)(record)

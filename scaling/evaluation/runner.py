@@ -76,8 +76,8 @@ def _index_loader(records: Sequence[Record], collator, batch_size: int) -> DataL
     return DataLoader(list(range(len(records))), batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
-def _chunk_synchronizer(accelerator: Accelerator):
-    """max over ranks of a local count (score mode under ZeRO-3 runs that many forwards on every rank)."""
+def _count_synchronizer(accelerator: Accelerator):
+    """max over ranks of a local count of collective calls (generate calls, scoring forwards) for lockstep ranks."""
     if accelerator.num_processes == 1:
         return None
 
@@ -100,11 +100,11 @@ def predict_records(model, tokenizer, records: Sequence[Record], task: Task, dec
     generator.eval()
     steps = track(loader, description=description, disable=not (progress and accelerator.is_main_process),
                   transient=True)
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():
         for batch in steps:
             indices = batch["index"].tolist()
             texts = predict_batch(generator, tokenizer, batch, [records[i] for i in indices], task, decoding,
-                                  candidates, synced_gpus=synced, sync_chunks=_chunk_synchronizer(accelerator))
+                                  candidates, synced_gpus=synced, sync_count=_count_synchronizer(accelerator))
             positions += accelerator.gather_for_metrics(indices, use_gather_object=True)
             predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
     generator.train(was_training)
@@ -220,7 +220,8 @@ def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Seque
     """
     start = time.perf_counter()
     datasets = dict(records) if isinstance(records, dict) else group_by_task(records)
-    collator = collator or eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config)
+    collator = collator or eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config,
+                                         [r for recs in datasets.values() for r in recs])
     checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
                             cfg.model.checkpoint)
     evaluations = [evaluate_dataset(model, tokenizer, list(recs), dataset, cfg, accelerator, collator, checkpoint,
@@ -229,9 +230,15 @@ def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Seque
     return flat_metrics(evaluations)
 
 
-def eval_collator(tokenizer, cfg: Config, model_config):
-    """The training collator, at the model's resolution, with the configured prompt layout."""
+def eval_collator(tokenizer, cfg: Config, model_config, records: Sequence[Record] = ()):
+    """The training collator at the model's resolution with the configured prompt layout; with data.instruction,
+    instruction prompts (each record's first template, options drawn from the evaluated records' answers)."""
     from scaling.data.collate import Collator
+    from scaling.data.instruct import CandidatePools, InstructionFormatter
 
+    instruction = None
+    if cfg.data.instruction:
+        instruction = InstructionFormatter(CandidatePools.from_records(records), seed=cfg.train.seed,
+                                           template_choice="first")
     return Collator(tokenizer, model_config.image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
-                    cfg.data.prompt_type)
+                    cfg.data.prompt_type, instruction=instruction)

@@ -79,16 +79,16 @@ def test_free_generation_is_not_limited_to_candidates(tokenizer, model):
     assert any(a not in r.candidates for a, r in zip(answers, records, strict=True))
 
 
-def _independent_scores(model, tokenizer, batch, sample, sequences, normalize):
+def _independent_scores(model, tokenizer, batch, sample, sequences, normalize, prefix=(0,)):
     """Summed log-probabilities from a full forward pass (encoder included) per candidate, trie sets by brute force."""
     scores = []
     for sequence in sequences:
-        inputs = {k: v[sample:sample + 1] for k, v in batch.items()}
-        labels = torch.tensor([sequence])
-        logits = model(**inputs, labels=labels).logits[0].float()  # (T, V)
+        inputs = {k: batch[k][sample:sample + 1] for k in ("input_ids", "attention_mask", "pixel_values", "patch_masks")}
+        decoder_input_ids = torch.tensor([list(prefix) + sequence[:-1]])
+        logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits[0].float()  # (T, V)
         total = 0.0
         for t, token in enumerate(sequence):
-            step = logits[t]
+            step = logits[len(prefix) - 1 + t]
             if normalize == "trie":
                 allowed = {s[t] for s in sequences if len(s) > t and s[:t] == sequence[:t]}
                 keep = torch.zeros_like(step, dtype=torch.bool)
@@ -118,3 +118,39 @@ def test_records_without_candidates_are_refused_by_name(tokenizer):
     record = Record(id="q7", task="vqa", image=None, text={"question": "why?"}, target="because", index=7)
     with pytest.raises(ValueError, match="q7.*no candidate answers"):
         CandidateCache(get_task("vqa"), tokenizer)(record)
+
+
+def _prev_output_batch(tokenizer, model, records):
+    from scaling.data.collate import Collator
+
+    return Collator(tokenizer, model.config.image_size, 64, 16, prompt_type="prev_output")(records)
+
+
+def test_prev_output_scoring_reads_the_prompt_in_the_decoder(tokenizer, model):
+    """BiomedGPT's VQA layout: the decoder is prefixed with `<s> prompt`; only the candidate is scored."""
+    records = _records(4)
+    batch = _prev_output_batch(tokenizer, model, records)
+    cache = CandidateCache(get_task("vqa"), tokenizer)
+    candidate_sets = [cache(r) for r in records]
+    decoding = Decoding(mode="score", score_chunk=5, score_normalize="vocab")
+    with torch.no_grad():
+        _, scores = score_batch(model, tokenizer, batch, decoding, candidate_sets)
+        for sample, candidates in enumerate(candidate_sets):
+            prompt = tokenizer(get_task("vqa").prompt(records[sample]), add_special_tokens=False)["input_ids"]
+            expected = _independent_scores(model, tokenizer, batch, sample, candidates.token_ids, "vocab",
+                                           prefix=[0, *prompt])
+            assert scores[sample] == pytest.approx(expected, abs=1e-4)
+
+
+def test_prev_output_constrained_generation_with_mixed_prompt_lengths(tokenizer, model):
+    records = _records(9)  # three questions of different token lengths, padded differently
+    batch = _prev_output_batch(tokenizer, model, records)
+    cache = CandidateCache(get_task("vqa"), tokenizer)
+    decoding = Decoding(mode="constrained", max_new_tokens=12)
+    with torch.no_grad():
+        answers = generate_batch(model, tokenizer, batch, decoding, [cache(r) for r in records])
+        # each sample alone gives the same answer as inside the mixed batch
+        alone = [generate_batch(model, tokenizer, _prev_output_batch(tokenizer, model, [r]), decoding, [cache(r)])[0]
+                 for r in records[:3]]
+    assert all(a in r.candidates for a, r in zip(answers, records, strict=True))
+    assert answers[:3] == alone

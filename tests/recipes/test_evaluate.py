@@ -1,0 +1,107 @@
+"""recipes/evaluate.py end to end on the synthetic data with a random `test`-preset checkpoint, one and two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CORPUS = ["is there a lesion in the left lung?", "what modality is this image?", "ct mri x-ray ultrasound",
+          "axial coronal sagittal plane", "the brain chest abdomen", "small medium large lesions", "yes no maybe",
+          "normal abnormal", "what does the image describe?", "what is the summary of article"] * 10
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random-weight `test` model with a small trained BPE, saved like `scaling export` does."""
+    from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from scaling.models.biomedgpt.tokenization import save_tokenizer, train_bpe_tokenizer
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-random"
+    tokenizer = train_bpe_tokenizer(CORPUS, vocab_size=300, num_codes=0, num_bins=0)
+    torch.manual_seed(0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer)))
+    model.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The synthetic data the recipe generates by default (same size and seed), made once for all tests."""
+    from scaling.data.synthetic import generate_synthetic
+
+    directory = tmp_path_factory.mktemp("cache")
+    generate_synthetic(directory / "synthetic", n_images=12, seed=42)
+    return directory
+
+
+def _evaluate(checkpoint, cache, work: Path, out: str, processes: int, *extra: str) -> Path:
+    overrides = [f"eval.checkpoints=[{checkpoint}]", f"eval.output_dir={work / out}", f"train.output_dir={work / 'run'}",
+                 f"data.cache_dir={cache}", "data.synthetic_images=12", "train.seed=42", "eval.max_samples=5",
+                 "eval.batch_size=2", "logging.progress=false", *extra]
+    script = str(ROOT / "recipes" / "evaluate.py")
+    if processes == 1:
+        command = [sys.executable, script, *overrides]
+    else:
+        command = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+                   "--num_processes", str(processes), "--main_process_port", "29531", script, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work / out
+
+
+def _predictions(out: Path) -> dict[str, list]:
+    return {p.name: [json.loads(line)["prediction"] for line in p.read_text().splitlines()]
+            for p in sorted((out / "predictions").glob("*.jsonl"))}
+
+
+def _scores(out: Path) -> list:
+    report = json.loads((out / "report.json").read_text())
+    return [(e["dataset"]["name"], e["mode"], e["metrics"]["scores"]) for e in report["evaluations"]]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_process(checkpoint, cache, tmp_path):
+    single = _evaluate(checkpoint, cache, tmp_path, "one", 1)
+    double = _evaluate(checkpoint, cache, tmp_path, "two", 2)
+    assert _predictions(single) == _predictions(double)
+    assert _scores(single) == _scores(double)
+    names = {name for name, _, _ in _scores(single)}
+    assert {"synthetic/vqa", "synthetic/caption", "synthetic/nli"} <= names
+    modes = {name: mode for name, mode, _ in _scores(single)}
+    assert modes["synthetic/vqa"] == "constrained" and modes["synthetic/nli"] == "score"
+    assert modes["synthetic/caption"] == "generate"
+    for name in ("report.json", "report.md", "report.html"):
+        assert (double / name).is_file()
+
+
+@pytest.mark.slow
+def test_score_mode_and_report_merge(checkpoint, cache, tmp_path):
+    """Explicit score mode on VQA; predictions are candidates; `scaling report` merges two reports."""
+    from scaling.cli import main as cli
+
+    out = _evaluate(checkpoint, cache, tmp_path, "score", 1, "eval.mode=score",
+                    f"data.eval_sources=[{{name: slake, path: {cache / 'synthetic' / 'slake'}, "
+                    "split: test}]")
+    report = json.loads((out / "report.json").read_text())
+    (evaluation,) = report["evaluations"]
+    assert evaluation["mode"] == "score" and evaluation["dataset"]["name"] == "slake/test"
+    assert evaluation["checkpoint"]["name"] == "tiny-random" and evaluation["checkpoint"]["fingerprint"]
+    rows = [json.loads(line) for line in (out / evaluation["predictions_file"]).read_text().splitlines()]
+    assert len(rows) == evaluation["dataset"]["n"] == 5
+    assert {"accuracy", "closed_accuracy"} <= set(evaluation["metrics"]["scores"])
+    from scaling.data.sources import load_source
+
+    records = {r.id: r for r in load_source("slake", cache / "synthetic" / "slake", "test").records}
+    assert all(row["prediction"] in records[row["id"]].candidates for row in rows)
+    assert cli(["report", str(out), str(out / "report.json"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert len(merged["evaluations"]) == 2
