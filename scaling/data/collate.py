@@ -51,16 +51,22 @@ class Sample:
 def format_record(record: Record, instruction: InstructionFormatter | None = None, epoch: int = 0,
                   verbatim: bool = False) -> Sample:
     """The record's prompt and target: the task's BiomedGPT prompt, an instruction, or the question as written
-    (`verbatim`, for instruction files whose questions already are formatted prompts)."""
+    (`verbatim`, and always for records read back from an instruction file: they are instructions already)."""
     task = get_task(record.task)
-    if instruction is not None:
+    if verbatim or is_instruction(record):
+        prompt, target = " " + normalize_whitespace(record.text["question"]), task.target(record)
+    elif instruction is not None:
         formatted = instruction(record, epoch)
         prompt, target = formatted.prompt, formatted.target
-    elif verbatim:
-        prompt, target = " " + normalize_whitespace(record.text["question"]), task.target(record)
     else:
         prompt, target = task.prompt(record), task.target(record)
     return Sample(record.id, record.task, prompt, target, record.image)
+
+
+def is_instruction(record: Record) -> bool:
+    """Records of an instruction file written by `write_instruction_file` (the llava_med source keeps its
+    `task` field as the `source_task` attribute)."""
+    return record.attributes.get("source_task") is not None
 
 
 class FormattedDataset(Dataset):

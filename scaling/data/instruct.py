@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from scaling.data.records import CLOSED, Record
+from scaling.data.records import CLOSED, DataError, Record
 from scaling.data.tasks import get_task, normalize_answer, normalize_whitespace
 
 YES_NO = ("yes", "no")
@@ -188,19 +188,22 @@ def conversation_prompt(record: Record, question: str, options: list[str]) -> st
 
 def write_instruction_file(records: Iterable[Record], formatter: InstructionFormatter, file: str | os.PathLike,
                            epoch: int = 0) -> dict:
-    """Writes records as a LLaVA-Med JSON list with the instruction as the human turn, images copied into
+    """Writes image records as a LLaVA-Med JSON list with the instruction as the human turn, images copied into
     `images/` next to the file; returns the `llava_med` loader options that read it back."""
     file = Path(file)
     images_dir = file.parent / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rows, written = [], {}
     for record in records:
+        if record.image is None:
+            raise DataError(f"{record.source}: record {record.index} ({record.id}, task {record.task}) has no "
+                            "image; LLaVA-Med instruction files hold image questions. Fix: convert image sources "
+                            "only, and train text tasks with data.instruction=true instead")
         instruction = formatter(record, epoch)
         row = {"id": record.id, "conversations": [
-            {"from": "human", "value": ("<image>\n" if record.image else "") + instruction.prompt.strip()},
+            {"from": "human", "value": "<image>\n" + instruction.prompt.strip()},
             {"from": "gpt", "value": instruction.target.strip()}]}
-        if record.image is not None:
-            row["image"] = _copy_image(record, images_dir, written)
+        row["image"] = _copy_image(record, images_dir, written)
         row.update({"task": record.task, "answer_type": record.answer_type, "options": list(instruction.options),
                     "category": record.attributes.get("category")})
         rows.append(row)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from scaling.data.collate import IGNORE_INDEX, Collator, FormattedDataset, Sample, format_record
 from scaling.data.images import ImageTransform
-from scaling.data.instruct import CandidatePools, InstructionFormatter
+from scaling.data.instruct import CandidatePools, InstructionFormatter, write_instruction_file
 from scaling.data.sources import load_source
 from scaling.data.synthetic import generate_synthetic
 from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
@@ -102,6 +102,16 @@ def test_formatted_dataset_feeds_a_dataloader_with_instructions_and_transformed_
         assert tokenizer.decode(answer[:-1]) == expected.target
     dataset.set_epoch(1)
     assert [dataset[i].prompt for i in range(len(records))] != [instruction(r).prompt for r in records]
+
+
+def test_instruction_files_are_read_back_as_prompts_as_written(tokenizer, records, tmp_path):
+    instruction = InstructionFormatter(CandidatePools.from_records(records), seed=0)
+    with_images = [r for r in records if r.image is not None]
+    options = write_instruction_file(with_images, instruction, tmp_path / "train.json")
+    reread = load_source("llava_med", tmp_path / "train.json", "train", **options).records
+    for original, record in zip(with_images, reread, strict=True):
+        sample, expected = format_record(record, instruction), instruction(original)
+        assert (sample.prompt, sample.target) == (expected.prompt, expected.target)  # not wrapped a second time
 
 
 def test_image_tensor_of_the_wrong_size_is_a_clear_error(tokenizer):

@@ -14,7 +14,7 @@ from scaling.data.instruct import (
     pool_name,
     write_instruction_file,
 )
-from scaling.data.records import Record
+from scaling.data.records import DataError, Record
 from scaling.data.sources import load_source
 from scaling.data.synthetic import generate_synthetic
 from scaling.data.tasks import normalize_answer
@@ -109,6 +109,13 @@ def test_instruction_file_is_read_back_by_the_llava_med_loader(vqa_records, tmp_
         assert record.text["question"] == instruction.prompt.strip()
         assert record.target == instruction.target.strip()
         assert record.image.path.read_bytes() == original.image.path.read_bytes()
+
+
+def test_text_only_records_are_refused_with_the_fix(tmp_path):
+    record = Record(id="n1", task="nli", image=None, text={"sentence1": "a", "sentence2": "b"}, target="yes",
+                    source="mli_train_v1.jsonl", index=4)
+    with pytest.raises(DataError, match=r"mli_train_v1.jsonl: record 4 \(n1, task nli\) has no image.*Fix"):
+        write_instruction_file([record], InstructionFormatter(), tmp_path / "train.json")
 
 
 def test_real_vqa_rad_converts_with_the_answer_among_the_options():
