@@ -173,7 +173,8 @@ class BiomedGPTEncoderOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     # (B, S) bool, True = real token, over the full [image; text] sequence.
     attention_mask: torch.Tensor | None = None
-    # (B, S, d) layer-normalised absolute position embeddings of [image; text].
+    # (1, S, d) layer-normalised absolute position embeddings of [image; text]; every sample shares the layout, so
+    # one row serves the batch (generation may repeat it; the decoder reads row 0).
     position_embeddings: torch.Tensor | None = None
 
 
@@ -472,9 +473,14 @@ class BiomedGPTEncoder(nn.Module):
         Always returns a `BiomedGPTEncoderOutput`; `return_dict` is accepted because `generate()` passes it.
         """
         x = self.embed_text(input_ids, inputs_embeds)
-        batch, text_len, _ = x.shape
+        text_len = x.shape[1]
         device = x.device
-        keep = attention_mask.bool() if attention_mask is not None else input_ids.ne(self.config.pad_token_id)
+        if attention_mask is not None:
+            keep = attention_mask.bool()
+        elif input_ids is not None:
+            keep = input_ids.ne(self.config.pad_token_id)
+        else:
+            keep = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
         text_positions = torch.arange(text_len, device=device)
         position_embeddings = self.pos_ln(self.embed_positions(text_positions))  # (L, d)
         buckets = token_relative_buckets(
@@ -507,7 +513,8 @@ class BiomedGPTEncoder(nn.Module):
             self.num_heads,
             self.pos_scaling,
         )  # (1, H, S, S)
-        position_bias = position_bias + additive_mask(keep[:, None, None, :], position_bias.dtype)  # (B, H, S, S)
+        if not keep.all():  # without padding the bias stays (1, H, S, S) and broadcasts over the batch
+            position_bias = position_bias + additive_mask(keep[:, None, None, :], position_bias.dtype)  # (B, H, S, S)
         prefixes = layer_prefixes(prefix_key_values, "encoder", len(self.layers))
         hidden_states, attentions = (x,) if output_hidden_states else None, () if output_attentions else None
         for i, layer in enumerate(self.layers):
@@ -524,7 +531,7 @@ class BiomedGPTEncoder(nn.Module):
             hidden_states=hidden_states,
             attentions=attentions,
             attention_mask=keep,
-            position_embeddings=position_embeddings.expand(batch, -1, -1),
+            position_embeddings=position_embeddings,
         )
 
 
@@ -645,10 +652,10 @@ class BiomedGPTDecoder(nn.Module):
             self.cross_pos_q_linear,
             self.cross_pos_k_linear,
             query_pos,
-            encoder_outputs.position_embeddings.to(x.dtype),
+            encoder_outputs.position_embeddings[:1].to(x.dtype),
             self.num_heads,
             self.pos_scaling,
-        )  # (B, H, T, S_enc)
+        )  # (1 or B, H, T, S_enc)
         cross_bias = cross_bias + additive_mask(
             encoder_outputs.attention_mask[:, None, None, :].bool(), cross_bias.dtype
         )
