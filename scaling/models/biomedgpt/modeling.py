@@ -164,20 +164,6 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BiomedGPTEncoderOutput(ModelOutput):
-    """Encoder output plus what the decoder's cross-attention needs (all batch-first, so generation can expand it)."""
-
-    last_hidden_state: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    # (B, S) bool, True = real token, over the full [image; text] sequence.
-    attention_mask: torch.Tensor | None = None
-    # (1, S, d) layer-normalised absolute position embeddings of [image; text]; every sample shares the layout, so
-    # one row serves the batch (generation may repeat it; the decoder reads row 0).
-    position_embeddings: torch.Tensor | None = None
-
-
 def match_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Broadcast a batch-1 tensor or repeat a per-sample one for beam-expanded batches (B -> B * k)."""
     if tensor.shape[0] == batch_size:
@@ -402,6 +388,20 @@ class BiomedGPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, BiomedGPTAttention) and module.c_attn is not None:
             init.ones_(module.c_attn)
+
+
+@dataclass
+class BiomedGPTEncoderOutput(ModelOutput):
+    """Encoder output plus what the decoder's cross-attention needs (all batch-first, so generation can expand it)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    # (B, S) bool, True = real token, over the full [image; text] sequence.
+    attention_mask: torch.Tensor | None = None
+    # (1, S, d) layer-normalised absolute position embeddings of [image; text]; every sample shares the layout, so
+    # one row serves the batch (generation may repeat it; the decoder reads row 0).
+    position_embeddings: torch.Tensor | None = None
 
 
 class BiomedGPTEncoder(nn.Module):

@@ -211,14 +211,22 @@ def test_inputs_embeds_attentions_and_hidden_states(model, batch):
         model(**batch, decoder_input_ids=DECODER_INPUT, patch_mask=batch["patch_masks"])
 
 
-@torch.no_grad()
-def test_sdpa_equals_eager(batch):
-    sdpa = build_model()
-    eager = build_model(attn_implementation="eager")
-    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
-    a = sdpa(**batch, decoder_input_ids=DECODER_INPUT).logits
-    b = eager(**batch, decoder_input_ids=DECODER_INPUT).logits
-    assert (a - b).abs().max().item() <= 1e-4
+def test_sdpa_equals_eager_in_outputs_and_gradients(batch):
+    labels = DECODER_INPUT[:, 1:]
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        model = build_model(attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results[implementation] = out.logits.detach(), grads
+    (sdpa_logits, sdpa_grads), (eager_logits, eager_grads) = results["sdpa"], results["eager"]
+    assert (sdpa_logits - eager_logits).abs().max().item() <= 1e-4
+    assert sdpa_grads.keys() == eager_grads.keys()
+    assert "model.encoder.image_rel_pos_table_list.0.weight" in sdpa_grads  # the bias is differentiated
+    for name in sdpa_grads:
+        assert torch.allclose(sdpa_grads[name], eager_grads[name], atol=1e-4), name
 
 
 def test_loss_ignores_minus_100_applies_label_smoothing_and_starts_decoder_with_bos(batch):
