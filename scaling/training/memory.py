@@ -449,3 +449,51 @@ def fit(
         if fitting:
             found.append(fitting[-1])
     return sorted(found, key=lambda e: (-e.batch, e.total))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def estimate_table(est: MemoryEstimate, gpu_memory: int | None = None):
+    """A rich table of one estimate: per-GPU bytes per part, host bytes, and the verdict for `gpu_memory`."""
+    from rich.table import Table
+
+    title = (f"{est.preset} · ZeRO-{est.zero_stage} × {est.gpus} GPU · offload {est.offload} · peft {est.peft} · "
+             f"{est.precision} · batch {est.batch} · {est.image_size}px · src {est.src_len} · tgt {est.tgt_len}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("per GPU")
+    table.add_column("bytes", justify="right")
+    table.add_column("note")
+    trainable = f"{est.trainable_params:,} of {est.total_params:,} parameters trainable"
+    table.add_row("parameters", format_bytes(est.parameters), f"{est.total_params:,} parameters")
+    table.add_row("gradients", format_bytes(est.gradients), trainable)
+    table.add_row("optimizer states", format_bytes(est.optimizer_states), "fp32 master weights + Adam m, v")
+    table.add_row("activations", format_bytes(est.activations_full), "without gradient checkpointing",
+                  style=None if not est.gradient_checkpointing else "dim")
+    table.add_row("activations (checkpointed)", format_bytes(est.activations_checkpointed),
+                  "with gradient checkpointing", style=None if est.gradient_checkpointing else "dim")
+    checkpointing = "with" if est.gradient_checkpointing else "without"
+    table.add_row("total", format_bytes(est.total), f"{checkpointing} gradient checkpointing", style="bold")
+    if est.cpu_offloaded:
+        table.add_row("host memory (offload)", format_bytes(est.cpu_offloaded), "per rank, in CPU RAM")
+    if gpu_memory:
+        verdict = "fits" if est.fits(gpu_memory) else "does NOT fit"
+        table.add_row("verdict", verdict, f"{format_bytes(gpu_memory)} GPU, {USABLE_FRACTION:.0%} usable",
+                      style="green" if est.fits(gpu_memory) else "red")
+    return table
+
+
+def fit_table(estimates: list[MemoryEstimate], gpu_memory: int):
+    """A rich table of the configurations that fit a GPU, largest batch first."""
+    from rich.table import Table
+
+    table = Table(title=f"configurations that fit {format_bytes(gpu_memory)} ({USABLE_FRACTION:.0%} usable)",
+                  title_justify="left")
+    for column in ("ZeRO", "offload", "peft", "checkpointing", "max batch", "per-GPU total", "host (offload)"):
+        table.add_column(column, justify="right" if column in ("max batch", "per-GPU total") else "left")
+    for est in estimates:
+        table.add_row(str(est.zero_stage), est.offload, est.peft, "yes" if est.gradient_checkpointing else "no",
+                      str(est.batch), format_bytes(est.total), format_bytes(est.cpu_offloaded) if est.cpu_offloaded
+                      else "-")
+    return table
