@@ -113,31 +113,20 @@ def code_position_ids(length: int, code_image_size: int, bucket_size: int, devic
     return ids[:length].to(device)
 
 
-def combined_relative_buckets(
-    token_buckets: torch.Tensor, image_buckets: torch.Tensor | None, num_token_buckets: int, num_image_buckets: int
-) -> torch.Tensor:
-    """Index into [token table; image table; zero row] for the [image; text] sequence, (S, S)."""
-    if image_buckets is None:
-        return token_buckets
-    num_image, num_text = image_buckets.shape[0], token_buckets.shape[0]
-    zero_row = num_token_buckets + num_image_buckets
-    buckets = token_buckets.new_full((num_image + num_text, num_image + num_text), zero_row)
-    buckets[:num_image, :num_image] = image_buckets + num_token_buckets
-    buckets[num_image:, num_image:] = token_buckets
-    return buckets
-
-
 class RelativePositionTable(nn.Embedding):
     """Per-layer learned bias per (bucket, head); zero-initialised as in OFA."""
 
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        """(Q, K) bucket ids -> (1, heads, Q, K) bias."""
+        return super().forward(buckets).permute(2, 0, 1).unsqueeze(0)  # (Q, K, H) -> (1, H, Q, K)
 
-def relative_position_bias(
-    buckets: torch.Tensor, token_table: RelativePositionTable, image_table: RelativePositionTable
-) -> torch.Tensor:
-    """(Q, K) combined bucket ids -> (1, heads, Q, K) bias from one layer's token and image tables."""
-    zero_row = token_table.weight.new_zeros(1, token_table.embedding_dim)
-    table = torch.cat([token_table.weight, image_table.weight, zero_row])
-    return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)  # (Q, K, H) -> (1, H, Q, K)
+
+def block_diagonal_bias(image_bias: torch.Tensor, text_bias: torch.Tensor) -> torch.Tensor:
+    """(1, H, N, N) image and (1, H, L, L) text biases -> (1, H, N + L, N + L), zero between image and text."""
+    num_image, num_text = image_bias.shape[-1], text_bias.shape[-1]
+    return torch.cat(
+        [F.pad(image_bias, (0, num_text)), F.pad(text_bias, (num_image, 0))], dim=-2
+    )  # rows [image | 0] over [0 | text]
 
 
 def absolute_position_bias(
@@ -437,10 +426,14 @@ class BiomedGPTEncoder(nn.Module):
             for _ in range(config.encoder_layers)
         )
 
+    def type_embed(self, type_id: int, device) -> torch.Tensor:
+        """(1, 1, d) type embedding: 0 = text, 1 = image (a module call, so ZeRO-3 gathers the weight)."""
+        return self.type_embedding(torch.full((1, 1), type_id, dtype=torch.long, device=device))
+
     def embed_text(self, input_ids, inputs_embeds) -> torch.Tensor:
         """Token embeddings (scale 1.0) + type 0 -> layernorm_embedding -> dropout, (B, L, d)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.dropout(self.layernorm_embedding(x + self.type_embedding.weight[0]))
+        return self.dropout(self.layernorm_embedding(x + self.type_embed(0, x.device)))
 
     def embed_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> patch tokens (B, N, d) and their grid position ids (N,)."""
@@ -453,7 +446,7 @@ class BiomedGPTEncoder(nn.Module):
                 f"{16 * self.config.image_bucket_size} px"
             )
         x = self.image_proj(features.flatten(2).transpose(1, 2))  # (B, C, N) -> (B, N, C) -> (B, N, d)
-        x = self.dropout(self.patch_layernorm_embedding(x + self.type_embedding.weight[1]))
+        x = self.dropout(self.patch_layernorm_embedding(x + self.type_embed(1, x.device)))
         return x, image_grid_position_ids(height, width, self.config.image_bucket_size, pixel_values.device)
 
     def forward(
@@ -497,12 +490,6 @@ class BiomedGPTEncoder(nn.Module):
             image_positions = self.image_pos_ln(self.embed_image_positions(image_ids))
             position_embeddings = torch.cat([image_positions, position_embeddings])
             image_buckets = image_relative_buckets(image_ids, image_ids, self.config.image_bucket_size)
-        buckets = combined_relative_buckets(
-            buckets,
-            image_buckets,
-            self.token_rel_pos_table_list[0].num_embeddings,
-            self.image_rel_pos_table_list[0].num_embeddings,
-        )
         x = x * keep.unsqueeze(-1).to(x.dtype)  # padded and image-less slots start at zero, as in OFA
         position_embeddings = position_embeddings.unsqueeze(0)  # (1, S, d): identical for every sample
         position_bias = absolute_position_bias(
@@ -518,10 +505,12 @@ class BiomedGPTEncoder(nn.Module):
         prefixes = layer_prefixes(prefix_key_values, "encoder", len(self.layers))
         hidden_states, attentions = (x,) if output_hidden_states else None, () if output_attentions else None
         for i, layer in enumerate(self.layers):
-            bias = position_bias + relative_position_bias(
-                buckets, self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i]
+            relative_bias = self.token_rel_pos_table_list[i](buckets)
+            if image_buckets is not None:
+                relative_bias = block_diagonal_bias(self.image_rel_pos_table_list[i](image_buckets), relative_bias)
+            x, weights = layer(
+                x, position_bias + relative_bias, prefix=prefixes[i], output_attentions=output_attentions
             )
-            x, weights = layer(x, bias, prefix=prefixes[i], output_attentions=output_attentions)
             if output_hidden_states:
                 hidden_states += (x,)
             if output_attentions:
@@ -608,19 +597,17 @@ class BiomedGPTDecoder(nn.Module):
         return torch.where(code_masks.bool()[:, None, None], code_positions, positions)
 
     def code_buckets(self, past: int, total: int, device) -> torch.Tensor:
-        """Indices of the 2-D image relative buckets between code steps, offset into the combined table."""
+        """2-D image relative buckets between the code steps [past, total) and [0, total)."""
         ids = code_position_ids(total, self.config.code_image_size, self.config.image_bucket_size, device)
-        buckets = image_relative_buckets(ids[past:], ids, self.config.image_bucket_size)
-        return buckets + self.token_rel_pos_table_list[0].num_embeddings
+        return image_relative_buckets(ids[past:], ids, self.config.image_bucket_size)
 
     def relative_bias(self, i: int, buckets, code_buckets, code_masks) -> torch.Tensor:
         """Layer i's relative bias: token buckets, or image buckets for image-code samples."""
-        tables = self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i]
-        bias = relative_position_bias(buckets, *tables)  # (1, H, T, S)
+        bias = self.token_rel_pos_table_list[i](buckets)  # (1, H, T, S)
         if code_masks is None:
             return bias
-        code = code_masks.bool()[:, None, None, None]
-        return torch.where(code, relative_position_bias(code_buckets, *tables), bias)  # (B, H, T, S)
+        code_bias = self.image_rel_pos_table_list[i](code_buckets)
+        return torch.where(code_masks.bool()[:, None, None, None], code_bias, bias)  # (B, H, T, S)
 
     def forward(
         self,
