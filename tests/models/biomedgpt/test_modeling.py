@@ -379,3 +379,12 @@ def test_save_pretrained_round_trip_with_tied_weights(model, batch, tmp_path):
         before = model(**batch, decoder_input_ids=DECODER_INPUT).logits
         after = loaded(**batch, decoder_input_ids=DECODER_INPUT).logits
     assert torch.equal(before, after)
+
+
+def test_oversized_images_and_wrong_prefix_depth_raise_clear_errors(model, batch):
+    with pytest.raises(ValueError, match=r"7x7 grid, larger than image_bucket_size 6; resize to at most 96 px"):
+        model(**{**batch, "pixel_values": torch.zeros(3, 3, 112, 112)}, decoder_input_ids=DECODER_INPUT)
+    prefix = random_prefix(model.config, 2)
+    prefix["decoder"] = prefix["decoder"][:1]
+    with pytest.raises(ValueError, match=r"prefix_key_values\['decoder'\] has 1 entries for 2 layers"):
+        model(**batch, decoder_input_ids=DECODER_INPUT, prefix_key_values=prefix)
