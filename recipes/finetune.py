@@ -48,7 +48,12 @@ from scaling.training.checkpoint import (
     save_checkpoint,
     save_run_model_info,
 )
-from scaling.training.distributed import build_accelerator, fill_deepspeed_auto
+from scaling.training.distributed import (
+    build_accelerator,
+    fill_deepspeed_auto,
+    log_parameter_shares,
+    uses_deepspeed,
+)
 from scaling.training.ema import EMA
 from scaling.training.optim import build_optimizer, build_scheduler
 from scaling.training.tracking import TrainingProgress, plot_loss, truncate_metrics
@@ -138,6 +143,7 @@ def train(cfg: Config, accelerator, model, optimizer, scheduler, stream: BatchSt
     stop = StopSignal()
     step, attempts_at_step, nonfinite_in_a_row, nonfinite_total = start_step, 0, 0, 0
     samples_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    deepspeed = uses_deepspeed(accelerator)
     progress = TrainingProgress(args.max_steps, step, enabled=accelerator.is_main_process and cfg.logging.progress)
     model.train()
     with progress:
@@ -152,12 +158,15 @@ def train(cfg: Config, accelerator, model, optimizer, scheduler, stream: BatchSt
                     if injected_nonfinite(step + 1, attempts_at_step):
                         loss = loss * float("nan")
                     # sync point: all ranks agree whether this micro-batch is usable
-                    ok = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="sum")
-                    if ok.item() < accelerator.num_processes:
-                        finite = False  # no backward: the bad loss never reaches the gradients
-                        continue
-                    accelerator.backward(loss)
-                    loss_sum += loss.detach()
+                    usable = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="sum").item()
+                    usable = usable == accelerator.num_processes
+                    if usable or not deepspeed:
+                        # DDP expects a backward after every forward: a poisoned micro-batch's gradients are
+                        # discarded below. DeepSpeed steps inside backward, so there a bad loss never enters it.
+                        accelerator.backward(loss)
+                    if usable:
+                        loss_sum += loss.detach()
+                    finite = finite and usable
             # --- optimizer step, or a skipped one ---
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
@@ -233,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = build_scheduler(optimizer, cfg.train)
     fill_deepspeed_auto(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    log_parameter_shares(accelerator, model)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     accelerator.init_trackers(run_dir.name)
 

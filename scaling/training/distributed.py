@@ -14,7 +14,12 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 
 from scaling.config import Config
 from scaling.logging import get_logger
@@ -28,7 +33,8 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for the current launch: gloo on CPU-only hosts, precision, accumulation, jsonl (+ tensorboard)."""
-    handlers = []
+    # multi-task batches leave parts of the model unused (no image in a text-only batch, image-code layers)
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     launched = "LOCAL_RANK" in os.environ  # torchrun / accelerate launch / deepspeed started this process
     if launched and not torch.cuda.is_available():
         # Without an explicit backend accelerate treats a CPU-only DeepSpeed launch as one process and DeepSpeed's
@@ -36,7 +42,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT))
     elif launched:
         handlers.append(InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
+        # several processes on a CPU-only host without DeepSpeed: accelerate's MULTI_CPU mode (DDP over gloo);
+        # DeepSpeed must not get cpu=True (accelerate switches it off then)
+        cpu=launched and not torch.cuda.is_available() and not deepspeed,
         mixed_precision=resolve_mixed_precision(cfg),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=trackers(cfg),
@@ -99,3 +109,14 @@ def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
         elif ds[key] != value:
             log.warning("DeepSpeed config sets %s=%s, the recipe config implies %s; DeepSpeed's value wins",
                         key, ds[key], value)
+
+
+def log_parameter_shares(accelerator: Accelerator, model) -> tuple[int, int]:
+    """Log (every rank) how many parameter elements this rank holds: under ZeRO-3 about 1/N of them."""
+    local = total = 0
+    for param in accelerator.unwrap_model(model).parameters():
+        total += getattr(param, "ds_numel", param.numel())
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    log.info("rank %d holds %d of %d parameter elements (%.1f%%, ZeRO stage %d)", accelerator.process_index, local,
+             total, 100.0 * local / total, zero_stage(accelerator), extra={"all_ranks": True})
+    return local, total
