@@ -24,7 +24,7 @@ from scaling.data.records import Record
 from scaling.evaluation.checkpoints import load_for_eval
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
 from scaling.logging import get_logger, setup_logging
-from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, uses_deepspeed
+from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
 
 log = get_logger("recipes.evaluate")
 
@@ -47,11 +47,11 @@ def checkpoints_to_evaluate(cfg: Config) -> list[str]:
     return cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
 
 
-def load_datasets(cfg: Config, accelerator) -> dict[str, list[Record]]:
-    """{name: records} of the evaluation sources (at most eval.max_samples each), read once per node first."""
+def load_datasets(cfg: Config, accelerator) -> dict[str, tuple[list[Record], dict]]:
+    """{name: (records, description)} of the evaluation sources (at most eval.max_samples records each)."""
     from scaling.data.sources import load_source
 
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process generates the synthetic data once
         sources = [(f"{s.name}/{s.split}", s.name, s.path, s.split, s.options) for s in cfg.data.eval_sources]
         datasets = {}
         for label, name, path, split, options in sources or synthetic_sources(cfg):
@@ -61,7 +61,9 @@ def load_datasets(cfg: Config, accelerator) -> dict[str, list[Record]]:
             records = result.records[: cfg.eval.max_samples]
             if not records:
                 raise ValueError(f"{name} ({path}, split {split}) has no usable records to evaluate")
-            datasets[label] = records
+            info = {"source": name, "split": split, "path": str(path), "skipped": dict(result.skipped),
+                    "available": len(result.records)}
+            datasets[label] = (records, info)
     return datasets
 
 
@@ -75,8 +77,9 @@ def synthetic_sources(cfg: Config) -> list[tuple]:
 
 
 def prepare_model(model, accelerator, cfg: Config):
-    """DeepSpeed shards the model (ZeRO-3 for models larger than one device); otherwise each rank holds a copy."""
-    if uses_deepspeed(accelerator):
+    """ZeRO-3 shards the weights across ranks (ZeRO inference); otherwise every rank holds a copy, as ZeRO-1/2
+    shard only optimizer state and gradients, which evaluation has none of."""
+    if zero_stage(accelerator) == 3:
         fill_deepspeed_auto(accelerator, cfg)
         return accelerator.prepare(model)
     return model.to(accelerator.device)
@@ -90,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     datasets = load_datasets(cfg, accelerator)
     log.info("evaluating %s on %s", ", ".join(checkpoints_to_evaluate(cfg)),
-             ", ".join(f"{name} ({len(r)})" for name, r in datasets.items()))
+             ", ".join(f"{name} ({len(records)})" for name, (records, _) in datasets.items()))
     evaluations = []
     for path in checkpoints_to_evaluate(cfg):
         model, tokenizer, info = load_for_eval(path, cfg.eval.base_checkpoint)
-        collator = eval_collator(tokenizer, cfg, model.config, [r for recs in datasets.values() for r in recs])
+        collator = eval_collator(tokenizer, cfg, model.config, [r for recs, _ in datasets.values() for r in recs])
         model = prepare_model(model, accelerator, cfg)
-        for name, records in datasets.items():
+        for name, (records, dataset_info) in datasets.items():
             evaluations.append(evaluate_dataset(model, tokenizer, records, name, cfg, accelerator, collator, info,
-                                                out_dir))
+                                                out_dir, dataset_info))
         del model
         accelerator.free_memory()
         gc.collect()

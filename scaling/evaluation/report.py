@@ -355,9 +355,10 @@ def chart_confusion(evaluation: dict) -> str:
     confusion = evaluation["metrics"]["confusion"]
     figure, axis = plt.subplots(figsize=(3.6, 2.6))
     axis.imshow(confusion["matrix"], cmap="Blues")
+    darkest = max(max(row) for row in confusion["matrix"]) or 1
     for r, row in enumerate(confusion["matrix"]):
         for c, count in enumerate(row):
-            axis.text(c, r, str(count), ha="center", va="center")
+            axis.text(c, r, str(count), ha="center", va="center", color="white" if count > darkest / 2 else "black")
     axis.set_xticks(range(len(confusion["columns"])), confusion["columns"])
     axis.set_yticks(range(len(confusion["rows"])), confusion["rows"])
     axis.set_xlabel("prediction")
