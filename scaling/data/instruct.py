@@ -59,7 +59,6 @@ OPEN_WITHOUT_OPTIONS = ('Answer the following question about the image. "{questi
 FREE_TEXT = ("{question}", "Instruction: {question} Response:")
 """For tasks answered in free text (captions, summaries): no options to offer."""
 CONVERSATION = "USER: {question} ASSISTANT:"
-CONVERSATION_TURN = "USER: {question} ASSISTANT: {answer}"
 
 
 def pool_name(record: Record) -> str:

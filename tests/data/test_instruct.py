@@ -78,6 +78,12 @@ def test_formatting_is_deterministic_in_seed_and_varies_with_seed_and_epoch(vqa_
     assert first != [InstructionFormatter(pools, seed=5)(r, epoch=1) for r in vqa_records]
 
 
+def test_first_template_mode_fixes_the_wording_for_evaluation(vqa_records):
+    formatter = InstructionFormatter(CandidatePools.from_records(vqa_records), template_choice="first")
+    prompts = [formatter(r, epoch).prompt for r in vqa_records[:30] for epoch in range(2)]
+    assert all(p.startswith(" Question: ") and p.endswith(" The answer is:") for p in prompts)
+
+
 def test_other_tasks_offer_their_own_candidates_or_none(synthetic):
     formatter = InstructionFormatter(seed=0)
     for task, options in (("nli", {"yes", "no", "maybe"}), ("qa", {"yes", "no", "maybe"}),
