@@ -68,35 +68,31 @@ def _scores(out: Path) -> list:
     return [(e["dataset"]["name"], e["mode"], e["metrics"]["scores"]) for e in report["evaluations"]]
 
 
+@pytest.fixture(scope="module")
+def single(checkpoint, cache, tmp_path_factory):
+    """One process on the default evaluation data: the held-out synthetic split of all six tasks."""
+    return _evaluate(checkpoint, cache, tmp_path_factory.mktemp("single"), "one", 1)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_match_one_process(checkpoint, cache, tmp_path):
-    single = _evaluate(checkpoint, cache, tmp_path, "one", 1)
+def test_two_processes_match_one_process(checkpoint, cache, single, tmp_path):
     double = _evaluate(checkpoint, cache, tmp_path, "two", 2)
     assert _predictions(single) == _predictions(double)
     assert _scores(single) == _scores(double)
-    names = {name for name, _, _ in _scores(single)}
-    assert {"synthetic/vqa", "synthetic/caption", "synthetic/nli"} <= names
     modes = {name: mode for name, mode, _ in _scores(single)}
-    assert modes["synthetic/vqa"] == "constrained" and modes["synthetic/nli"] == "score"
-    assert modes["synthetic/caption"] == "generate"
+    assert modes == {"synthetic/vqa": "constrained", "synthetic/caption": "generate", "synthetic/classify": "score",
+                     "synthetic/nli": "score", "synthetic/summarize": "generate", "synthetic/qa": "score"}
     for name in ("report.json", "report.md", "report.html"):
         assert (double / name).is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero3_sharded_weights_match_one_process(checkpoint, cache, tmp_path):
+def test_zero3_sharded_weights_match_one_process(checkpoint, cache, single, tmp_path):
     """Weights sharded by ZeRO-3 over two ranks: constrained and free generation (synced, ranks stop at different
     lengths) and scoring give the one-process predictions, without hanging."""
-    from scaling.data.synthetic import generate_synthetic
-
-    layout = generate_synthetic(cache / "synthetic", n_images=12, seed=42).sources  # already there: reused
-    sources = "data.eval_sources=" + json.dumps([
-        {"name": layout[task].loader, "path": str(layout[task].path), "split": "test", "options": layout[task].options}
-        for task in ("vqa", "nli", "caption")])
-    single = _evaluate(checkpoint, cache, tmp_path, "one", 1, sources)
-    sharded = _evaluate(checkpoint, cache, tmp_path, "zero3", 2, sources, launch="zero3")
+    sharded = _evaluate(checkpoint, cache, tmp_path, "zero3", 2, launch="zero3")
     assert _predictions(single) == _predictions(sharded)
     assert _scores(single) == _scores(sharded)
     report = json.loads((sharded / "report.json").read_text())
