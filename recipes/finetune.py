@@ -200,6 +200,8 @@ def train(cfg: Config, accelerator, model, optimizer, scheduler, stream: BatchSt
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             accelerator.log(row, step=step)
+            if step % args.log_every == 0:
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, args.max_steps, loss_mean, lr, speed)
 
             # --- checkpoint every save_every steps, and on SIGTERM (sync point: all ranks agree to stop) ---
             preempted = accelerator.reduce(torch.tensor(float(stop.received), device=accelerator.device),

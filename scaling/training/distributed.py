@@ -49,6 +49,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         cpu=launched and not torch.cuda.is_available() and not deepspeed,
         mixed_precision=resolve_mixed_precision(cfg),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        dynamo_backend="inductor" if cfg.train.compile else None,  # None: the launcher's --dynamo_backend
         log_with=trackers(cfg),
         project_config=ProjectConfiguration(project_dir=cfg.train.output_dir,
                                             logging_dir=os.path.join(cfg.train.output_dir, "tensorboard")),
