@@ -99,25 +99,48 @@ def test_zero3_sharded_weights_match_one_process(checkpoint, cache, single, tmp_
     assert report["runs"][0]["environment"]["distributed_type"].endswith("DEEPSPEED")
 
 
-@pytest.mark.slow
-def test_score_mode_and_report_merge(checkpoint, cache, tmp_path):
-    """Explicit score mode on VQA; predictions are candidates; `scaling report` merges two reports."""
-    from scaling.cli import main as cli
+@pytest.fixture(scope="module")
+def adapter(checkpoint, tmp_path_factory):
+    """A decoder LoRA on the checkpoint, with non-zero B so that it changes the model."""
+    from scaling.adapters import apply_peft, save_adapter
+    from scaling.config import PeftArgs
+    from scaling.evaluation.checkpoints import load_for_eval
 
-    out = _evaluate(checkpoint, cache, tmp_path, "score", 1, "eval.mode=score",
-                    f"data.eval_sources=[{{name: slake, path: {cache / 'synthetic' / 'slake'}, "
-                    "split: test}]")
-    report = json.loads((out / "report.json").read_text())
-    (evaluation,) = report["evaluations"]
-    assert evaluation["mode"] == "score" and evaluation["dataset"]["name"] == "slake/test"
-    assert evaluation["checkpoint"]["name"] == "tiny-random" and evaluation["checkpoint"]["fingerprint"]
-    rows = [json.loads(line) for line in (out / evaluation["predictions_file"]).read_text().splitlines()]
-    assert len(rows) == evaluation["dataset"]["n"] == 5
-    assert {"accuracy", "closed_accuracy"} <= set(evaluation["metrics"]["scores"])
+    model, _, _ = load_for_eval(checkpoint)
+    model = apply_peft(model, PeftArgs(vision="freeze", encoder="freeze", decoder="lora"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    directory = tmp_path_factory.mktemp("peft") / "lora" / "adapter"
+    save_adapter(model, directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_two_checkpoints_in_score_mode_and_report_merge(checkpoint, adapter, cache, tmp_path):
+    """A base and a PEFT adapter on it side by side, every VQA candidate scored; `scaling report` merges reports."""
+    from scaling.cli import main as cli
     from scaling.data.sources import load_source
 
+    out = _evaluate(checkpoint, cache, tmp_path, "score", 1, "eval.mode=score",
+                    f"eval.checkpoints=[{checkpoint}, {adapter}]", f"eval.base_checkpoint={checkpoint}",
+                    f"data.eval_sources=[{{name: slake, path: {cache / 'synthetic' / 'slake'}, split: test}}]")
+    report = json.loads((out / "report.json").read_text())
+    base, adapted = report["evaluations"]
+    assert [base["checkpoint"]["name"], adapted["checkpoint"]["name"]] == ["tiny-random", "tiny-random+lora"]
+    assert base["checkpoint"]["fingerprint"] != adapted["checkpoint"]["fingerprint"]
+    assert adapted["checkpoint"]["parameters"] > base["checkpoint"]["parameters"]
     records = {r.id: r for r in load_source("slake", cache / "synthetic" / "slake", "test").records}
-    assert all(row["prediction"] in records[row["id"]].candidates for row in rows)
+    for evaluation in (base, adapted):
+        assert evaluation["mode"] == "score" and evaluation["dataset"]["name"] == "slake/test"
+        rows = [json.loads(line) for line in (out / evaluation["predictions_file"]).read_text().splitlines()]
+        assert len(rows) == evaluation["dataset"]["n"] == 5
+        assert all(row["prediction"] in records[row["id"]].candidates for row in rows)
+        assert {"accuracy", "closed_accuracy"} <= set(evaluation["metrics"]["scores"])
+    assert "| dataset | task | metric | tiny-random | tiny-random+lora |" in (out / "report.md").read_text()
+
     assert cli(["report", str(out), str(out / "report.json"), "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "report.json").read_text())
-    assert len(merged["evaluations"]) == 2
+    assert len(merged["evaluations"]) == 4 and len(merged["runs"]) == 2
