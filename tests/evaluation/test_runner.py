@@ -1,0 +1,47 @@
+"""Decoding choice per task, the no-candidate fallback, and putting gathered predictions back in order."""
+
+import pytest
+
+from scaling.config import EvalArgs
+from scaling.data.records import Record
+from scaling.data.tasks import get_task
+from scaling.evaluation.runner import _fallback_without_candidates, _in_dataset_order, decoding_for, flat_metrics
+
+
+@pytest.mark.parametrize("task, mode, beam", [("vqa", "constrained", 1), ("caption", "generate", 10),
+                                              ("classify", "score", 1), ("nli", "score", 1),
+                                              ("summarize", "generate", 5), ("qa", "score", 1)])
+def test_auto_mode_takes_biomedgpt_decoding(task, mode, beam):
+    decoding = decoding_for(get_task(task), EvalArgs(mode="auto"))
+    assert (decoding.mode, decoding.beam) == (mode, beam)
+
+
+def test_explicit_mode_takes_eval_values():
+    decoding = decoding_for(get_task("caption"), EvalArgs(mode="generate", beam=3, max_new_tokens=7,
+                                                          no_repeat_ngram_size=2, length_penalty=0.7))
+    assert decoding.as_dict() == {"mode": "generate", "beam": 3, "max_new_tokens": 7, "length_penalty": 0.7,
+                                  "no_repeat_ngram_size": 2}
+
+
+def test_missing_candidates_fall_back_in_auto_mode_and_fail_in_explicit_mode():
+    task = get_task("vqa")
+    records = [Record(id="q1", task="vqa", image=None, text={"question": "what?"}, target="x", source="f.json",
+                      index=3)]
+    constrained = decoding_for(task, EvalArgs(mode="auto"))
+    assert _fallback_without_candidates(constrained, records, task, "llava", explicit=False).mode == "generate"
+    with pytest.raises(ValueError, match=r"llava: eval.mode=constrained needs candidate answers.*'q1'.*index 3"):
+        _fallback_without_candidates(constrained, records, task, "llava", explicit=True)
+
+
+def test_gathered_predictions_return_to_dataset_order():
+    assert _in_dataset_order([2, 0, 1], ["c", "a", "b"], 3) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="predicted twice"):
+        _in_dataset_order([0, 1, 1], ["a", "b", "b"], 3)
+    with pytest.raises(RuntimeError, match="never predicted"):
+        _in_dataset_order([0, 2], ["a", "c"], 3)
+
+
+def test_flat_metrics_name_dataset_and_score():
+    evaluations = [{"dataset": {"name": "vqa_rad/test"}, "metrics": {"scores": {"closed_accuracy": 70.0}}},
+                   {"dataset": {"name": "pubmedqa/test"}}]  # a non-main rank has no metrics
+    assert flat_metrics(evaluations) == {"vqa_rad/test/closed_accuracy": 70.0}
