@@ -240,6 +240,13 @@ class PeftArgs:
     [out_proj, fc2] to reproduce it."""
     prefix_hidden_size: int | None = None
     """Hidden width of the prefix MLP (prefix with prefix_projection); None: the model width, as in MILE."""
+    sweep: list[str] = field(default_factory=list)
+    """Rows of recipes/peft_sweep.py as MILE's ViT-JTM-Dec labels (F = freeze, T = full, or a method), an optional
+    `:rank` and `@nf4`/`@int8`, e.g. [T-T-T, F-LoRA-LoRA:4, T-IA3-IA3, F-F-PTv2, F-LoRA-LoRA:8@nf4]; empty: the
+    recipe's default grid (MILE Tables 1-4)."""
+    sweep_pretrain_steps: int = 0
+    """Sweep only: full fine-tuning steps on every training source before the rows, which then all start from that
+    model (a stand-in for a pretrained checkpoint, as MILE adapted a pretrained MISS); 0: model.checkpoint/preset."""
 
     @property
     def enabled(self) -> bool:
@@ -263,6 +270,13 @@ class PeftArgs:
         if stray:
             out.append(f"peft.ia3_feedforward_modules {stray} are not in peft.ia3_modules; feed-forward modules must be "
                        "a subset of the IA3 targets")
+        if self.sweep_pretrain_steps < 0:
+            out.append(f"peft.sweep_pretrain_steps must be >= 0, got {self.sweep_pretrain_steps}")
+        for row in self.sweep:
+            try:
+                sweep_row(row)
+            except ValueError as err:
+                out.append(f"peft.sweep: {err}")
         if self.quantize == "int8" and "dora" in (self.vision, self.encoder, self.decoder):
             out.append("peft.quantize=int8 with dora is refused: peft's DoRA on bitsandbytes 8-bit layers loses the "
                        "weight scales after a backward pass; use quantize=nf4 (QDoRA) or lora")
@@ -274,6 +288,30 @@ class PeftArgs:
                 out.append(f"peft.quantize={self.quantize} freezes the base weights, but {', '.join(full)} "
                            "is set to full; use lora/dora/ia3/freeze there (QLoRA + full is refused)")
         return out
+
+
+SWEEP_ALIASES = {"f": "freeze", "t": "full"}
+
+
+def sweep_row(label: str) -> dict[str, Any]:
+    """PeftArgs fields of one sweep row: 'F-LoRA-LoRA:8@nf4' -> vision=freeze, encoder=lora, decoder=lora, r=8, ..."""
+    policy, _, quantize = label.partition("@")
+    policy, _, rank = policy.partition(":")
+    parts = [SWEEP_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in policy.split("-")]
+    methods = typing.get_args(PeftMethod)
+    if len(parts) != 3 or any(p not in methods for p in parts):
+        raise ValueError(f"row {label!r} must read VISION-ENCODER-DECODER with each one of F, T, "
+                         f"{', '.join(methods)} (optionally ':RANK' and '@nf4' or '@int8'), e.g. F-LoRA-LoRA:4")
+    row: dict[str, Any] = dict(zip(("vision", "encoder", "decoder"), parts, strict=True))
+    if rank:
+        if not rank.isdigit() or int(rank) < 1:
+            raise ValueError(f"row {label!r}: the rank after ':' must be a positive integer")
+        row["r"] = int(rank)
+    if quantize:
+        if quantize not in ("nf4", "int8"):
+            raise ValueError(f"row {label!r}: quantisation after '@' must be nf4 or int8")
+        row["quantize"] = quantize
+    return row
 
 
 @dataclass
