@@ -50,6 +50,13 @@ def reference(tmp_path_factory, cache):
     return run_dir
 
 
+def sample_inputs(size: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(4, 400, (2, 12), generator=g), "attention_mask": torch.ones(2, 12, dtype=torch.long),
+            "pixel_values": torch.randn(2, 3, size, size, generator=g), "patch_masks": torch.tensor([True, False]),
+            "decoder_input_ids": torch.randint(4, 400, (2, 6), generator=g)}
+
+
 def test_run_writes_every_artifact_and_the_loss_falls(reference):
     assert logged_steps(reference) == list(range(1, STEPS + 1))
     curve = losses(reference)
@@ -79,13 +86,32 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     assert max_abs_diff(weights(tmp_path, STEPS), weights(reference, STEPS)) <= 1e-6
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_selected(tmp_path, cache):
-    done = run(PYTHON + recipe_args(tmp_path, cache), env={FAULT_KILL_DURING_SAVE: "4"}, expect=-signal.SIGKILL)
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_selected_and_exportable(tmp_path, cache):
+    lora = ("peft.encoder=lora", "peft.decoder=lora")  # a PEFT run, so the export below merges adapters
+    done = run(PYTHON + recipe_args(tmp_path, cache, *lora), env={FAULT_KILL_DURING_SAVE: "4"},
+               expect=-signal.SIGKILL)
     partial = checkpoint_dir(tmp_path, 4).with_name(TMP_PREFIX + "step_00000004")
     assert partial.is_dir() and not (partial / COMPLETE).exists(), done.stderr[-2000:]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
     assert find_resume(tmp_path, "auto") == checkpoint_dir(tmp_path, 2)
     verify_checkpoint(checkpoint_dir(tmp_path, 2))
+
+    # `scaling export --merge` takes that checkpoint: adapter/ + a merged model with the adapted model's logits
+    out = tmp_path / "merged"
+    run(PYTHON + ["-m", "scaling.cli", "export", str(tmp_path), "--merge", "--out", str(out)])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    from scaling.adapters import apply_peft
+    from scaling.config import load_config
+    from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+
+    adapted = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_json_file(tmp_path / "model_config.json"))
+    adapted = apply_peft(adapted, load_config(tmp_path / "config.yaml").peft)
+    missing, unexpected = adapted.load_state_dict(weights(tmp_path, 2), strict=False)
+    assert not unexpected and all("decoder.embed_tokens" in k or "output_projection" in k for k in missing)
+    merged = BiomedGPTForConditionalGeneration.from_pretrained(out)
+    inputs = sample_inputs(merged.config.image_size)
+    with torch.no_grad():
+        assert (adapted.eval()(**inputs).logits - merged.eval()(**inputs).logits).abs().max() <= 1e-4
 
 
 def test_sigterm_writes_a_final_checkpoint_and_the_same_seed_gives_the_same_curve(tmp_path, cache, reference):
@@ -102,12 +128,25 @@ def test_sigterm_writes_a_final_checkpoint_and_the_same_seed_gives_the_same_curv
 
 
 def test_nonfinite_losses_are_skipped_and_counted_then_too_many_stop_the_run(tmp_path, cache):
+    # the first run also switches on EMA, frozen embeddings, gradient checkpointing and tensorboard
     skipped = tmp_path / "skipped"
-    run(PYTHON + recipe_args(skipped, cache, "train.max_nonfinite_steps=3"), env={"SCALING_FAULT_NONFINITE": "3:2"})
+    features = ("train.ema_decay=0.5", "train.freeze_embeddings=true", "train.gradient_checkpointing=true",
+                "logging.tensorboard=true")
+    run(PYTHON + recipe_args(skipped, cache, "train.max_nonfinite_steps=3", *features),
+        env={"SCALING_FAULT_NONFINITE": "3:2"})
     rows = [json.loads(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 2, 2, 2, 2, 2, 2]
     assert all(isinstance(r["loss"], float) and r["loss"] == r["loss"] for r in rows)
+    first, last = weights(skipped, 6), weights(skipped, STEPS)
+    assert torch.equal(first["model.encoder.embed_tokens.weight"], last["model.encoder.embed_tokens.weight"])
+    from safetensors.torch import load_file
+
+    ema = load_file(checkpoint_dir(skipped, STEPS) / "ema.safetensors")
+    exported = load_file(skipped / "export" / "model.safetensors")
+    assert max_abs_diff({k: exported[k] for k in ema if k in exported}, {k: ema[k] for k in ema if k in exported}) == 0
+    assert not torch.equal(ema["model.decoder.layers.0.fc1.weight"], last["model.decoder.layers.0.fc1.weight"])
+    assert list((skipped / "tensorboard").rglob("events.out.tfevents*"))
 
     stopped = tmp_path / "stopped"
     done = run(PYTHON + recipe_args(stopped, cache, "train.max_nonfinite_steps=3"),
