@@ -101,6 +101,49 @@ class TensorMemoryTracker(TorchDispatchMode):
             self.current -= self.live.pop(key)[1]
 
 
+MASTER_WEIGHT_ATTRIBUTES = (
+    "fp32_groups",  # ZeRO-0 (FP16_UnfusedOptimizer)
+    "fp32_groups_flat_partition",  # ZeRO-0 with bf16 (BF16_Optimizer)
+    "single_partition_of_fp32_groups",  # ZeRO-1/2
+    "fp32_partitioned_groups_flat",  # ZeRO-3
+)
+"""Attributes of DeepSpeed's (0.19) ZeRO optimizers holding this rank's fp32 master weights."""
+
+
+def zero_model_state_bytes(engine) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer states this rank holds in a DeepSpeed engine (call it after
+    `engine.backward` and before `engine.step`, once a step has created the Adam states)."""
+    optimizer = engine.optimizer
+    params = list(engine.module.parameters())
+    if hasattr(params[0], "ds_tensor"):  # ZeRO-3: this rank's partition, plus the small params kept whole
+        weights = [p.ds_tensor for p in params] + [p.data for p in params if getattr(p, "ds_persist", False)]
+    else:
+        weights = params
+    gradients = getattr(optimizer, "averaged_gradients", None)
+    gradients = [p.grad for p in params] if not gradients else _tensors(gradients)
+    masters = [t for name in MASTER_WEIGHT_ATTRIBUTES for t in _tensors(getattr(optimizer, name, None))]
+    adam = [t for state in optimizer.optimizer.state.values() for t in state.values() if t.numel() > 1]
+    return {"parameters": _storage_bytes(weights), "gradients": _storage_bytes(gradients),
+            "optimizer_states": _storage_bytes(masters) + _storage_bytes(adam)}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Tensors inside nested lists / tuples / dicts."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and flat-buffer slices count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -352,9 +395,9 @@ def activation_bytes(
     body = sum(parts.values())
     logits = B * T * config.vocab_size
     parts["head"] = 4 * logits  # the cross-entropy's fp32 log-softmax
-    # Transient peak: at the head, the logits, their fp32 copy and fp32 gradients beside the log-softmax; in the
-    # body's backward, a stage's gradients and temporaries beside what is still saved. The larger one counts.
-    parts["transient"] = int(max((a + 8) * logits, (BODY_PEAK_FACTOR - 1) * body))
+    # Transient peak, the larger of: at the cross-entropy, the logits and their fp32 copy / fp32 gradient beside the
+    # log-softmax (~8 bytes per logit, measured); in the body's backward, a stage's gradients and temporaries.
+    parts["transient"] = int(max(8 * logits, (BODY_PEAK_FACTOR - 1) * body))
     return {**parts, "total": sum(parts.values())}
 
 
