@@ -293,6 +293,8 @@ def score_batch(model, tokenizer, batch: dict, decoding: Decoding, candidate_set
     prefixes = decoder_prefixes(batch, model.config.decoder_start_token_id)
     encoder_output = model.get_encoder()(**encoder_inputs(batch))
     pairs = [(s, c) for s, cands in enumerate(candidate_sets) for c in range(len(cands.token_ids))]
+    # similar lengths share a chunk: one long answer would otherwise pad the whole chunk to its length
+    pairs.sort(key=lambda pair: len(prefixes[pair[0]]) + len(candidate_sets[pair[0]].token_ids[pair[1]]))
     chunks = [pairs[i:i + decoding.score_chunk] for i in range(0, len(pairs), decoding.score_chunk)]
     total = sync_count(len(chunks)) if sync_count else len(chunks)
     scores: list[list[float]] = [[0.0] * len(c.token_ids) for c in candidate_sets]
