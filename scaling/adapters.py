@@ -43,7 +43,7 @@ COMPONENT_PATTERNS = {
     "decoder": r"(?:model\.)?decoder\..+",
 }
 PREFIX_MODULE = "peft_prefix"  # attribute of the model holding the prefix encoders (saved with the adapter)
-ADAPTER_NAME_MARKERS = (".lora_", ".ia3_", f"{PREFIX_MODULE}.")
+ADAPTER_NAME_MARKERS = (".lora_", ".ia3_")  # peft's parameter-name prefixes of LoRA/DoRA and IA3 layers
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 INJECTED = ("lora", "dora", "ia3")  # methods injected through peft tuner layers (mergeable)
@@ -188,6 +188,7 @@ def set_trainable(model: nn.Module, args: PeftArgs) -> None:
 
 
 def is_adapter_name(name: str) -> bool:
+    """A parameter added by apply_peft (LoRA/DoRA/IA3 weights or a prefix encoder)."""
     return name.startswith(f"{PREFIX_MODULE}.") or any(m in name for m in ADAPTER_NAME_MARKERS)
 
 
