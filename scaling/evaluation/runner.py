@@ -143,8 +143,7 @@ def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg
     seconds = time.perf_counter() - start
     evaluation = {
         "run": 0, "checkpoint": checkpoint,
-        "dataset": {"name": name, "n": len(records), "fingerprint": records_fingerprint(records),
-                    **(dataset_info or {})},
+        "dataset": {"name": name, "n": len(records), **(dataset_info or {})},
         "task": task.name, "mode": decoding.mode, "decoding": decoding.as_dict(), "primary": task.metrics[0],
         "timing": {"seconds": seconds, "samples_per_s": len(records) / max(seconds, 1e-9),
                    "processes": accelerator.num_processes},
@@ -155,6 +154,7 @@ def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg
         hits = sample_hits(task.name, predictions, records)
         file = Path(out_dir) / "predictions" / f"{_slug(checkpoint['name'])}__{_slug(name)}.jsonl"
         write_predictions(file, records, predictions, hits)
+        evaluation["dataset"]["fingerprint"] = records_fingerprint(records)  # reads every image: main process only
         evaluation.update(metrics=metrics, predictions_file=str(file.relative_to(out_dir)),
                           samples=sample_rows(records, predictions, hits, cfg.eval.report_samples))
         log.info("%s on %s: %s", checkpoint["name"], name,
