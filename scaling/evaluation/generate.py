@@ -135,8 +135,8 @@ class TrieConstraint(LogitsProcessor):
     """Masks every token that does not continue a candidate of the row's sample (rows are sample × beam)."""
 
     def __init__(self, tries: Sequence[CandidateTrie], num_beams: int, prompt_length: int, pad_token_id: int):
-        self.tries, self.num_beams, self.prompt_length, self.pad_token_id = list(tries), num_beams, prompt_length, \
-            pad_token_id
+        self.tries, self.num_beams = list(tries), num_beams
+        self.prompt_length, self.pad_token_id = prompt_length, pad_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = torch.full_like(scores, -math.inf)
