@@ -228,6 +228,17 @@ def confusion_table(confusion: dict) -> tuple[list[str], list[list[str]]]:
                                                                        strict=True)]
 
 
+def runs_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per run (a merged report has several): where, on what, how long."""
+    rows = []
+    for i, run in enumerate(report["runs"]):
+        env = run.get("environment", {})
+        rows.append([str(i), run.get("report", "this run"), str(env.get("processes", "")),
+                     str(env.get("distributed_type", "")), str(env.get("device", "")),
+                     str(env.get("mixed_precision", "")), f"{run.get('timing', {}).get('total_s', 0.0):.1f}"])
+    return ["run", "report", "processes", "distribution", "device", "precision", "seconds"], rows
+
+
 def evaluation_title(evaluation: dict) -> str:
     return f"{evaluation['checkpoint']['name']} on {evaluation['dataset']['name']} ({evaluation['task']}, " \
            f"{evaluation['mode']})"
@@ -256,6 +267,8 @@ def render_markdown(report: dict) -> str:
     """The whole report as Markdown tables (no images)."""
     parts = ["# Evaluation report", "", f"Created {report['created']}.", "", "## Summary", "",
              _md_table(*summary_table(report))]
+    parts += ["", "## Runs", "", _md_table(*runs_table(report)), "",
+              "The full configuration of each run is in report.json (`runs[i].config`)."]
     for evaluation in report["evaluations"]:
         parts += ["", f"## {evaluation_title(evaluation)}", "", settings_line(evaluation), "",
                   _md_table(*scores_table(evaluation))]
@@ -402,11 +415,19 @@ def _samples_html(samples: list[dict]) -> str:
             + "".join(rows) + "</table>")
 
 
+def _config_html(run: dict) -> str:
+    """The run's resolved configuration, folded away."""
+    text = json.dumps(run.get("config", {}), indent=1, ensure_ascii=False)
+    return f"<details><summary>configuration ({html.escape(run.get('report', 'this run'))})</summary>" \
+           f"<pre>{html.escape(text)}</pre></details>"
+
+
 def render_html(report: dict) -> str:
     """One HTML file with every table of report.md, the charts and the sample table, images as data URIs."""
     body = [f"<h1>Evaluation report</h1><p>Created {html.escape(report['created'])}.</p>", "<h2>Summary</h2>",
             _html_table(*summary_table(report)), _img(chart_primary_scores(report), "primary score per dataset"),
-            _img(chart_checkpoints(report), "checkpoints side by side")]
+            _img(chart_checkpoints(report), "checkpoints side by side"), "<h2>Runs</h2>",
+            _html_table(*runs_table(report)), *map(_config_html, report["runs"])]
     for evaluation in report["evaluations"]:
         metrics = evaluation["metrics"]
         body += [f"<h2>{html.escape(evaluation_title(evaluation))}</h2>",

@@ -186,7 +186,7 @@ def run_entry(cfg: Config, accelerator: Accelerator, seconds: float) -> dict:
 
     return {"config": cfg.to_dict(), "timing": {"total_s": seconds},
             "environment": {"processes": accelerator.num_processes, "device": str(accelerator.device),
-                            "distributed_type": str(accelerator.distributed_type),
+                            "distributed_type": str(accelerator.distributed_type.value),
                             "mixed_precision": accelerator.mixed_precision, "torch": torch.__version__,
                             "transformers": transformers.__version__}}
 
