@@ -70,14 +70,16 @@ def vqa_metrics(predictions: Sequence[str], records: Sequence[Record],
     """Exact-match accuracy overall, on OPEN and CLOSED questions, on yes/no references (MILE's closed view), per group.
 
     Open/closed follows each record's `answer_type` (the dataset's own label). `yes_no_accuracy` counts only
-    questions whose reference is yes or no, as MILE's ACC.py does (a prediction that is not yes/no is wrong).
+    questions whose reference is yes or no, as MILE's ACC.py does (a prediction that is not yes/no is wrong), and
+    `non_yes_no_accuracy` the rest (MILE's "Opened"); their count-weighted mean, MILE's "Global", is `accuracy`.
     A record in several categories ("POS, PRES" in VQA-RAD) counts toward each.
     """
     hits = vqa_hits(predictions, records)
     splits = {"": [True] * len(records),
               "closed_": [r.answer_type == CLOSED for r in records],
               "open_": [r.answer_type == OPEN for r in records],
-              "yes_no_": [normalize_vqa_answer(r.target) in YES_NO for r in records]}
+              "yes_no_": [normalize_vqa_answer(r.target) in YES_NO for r in records],
+              "non_yes_no_": [normalize_vqa_answer(r.target) not in YES_NO for r in records]}
     scores, counts = {}, {}
     for prefix, member in splits.items():
         n = sum(member)

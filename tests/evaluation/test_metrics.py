@@ -46,7 +46,9 @@ def test_vqa_accuracy_splits_and_groups_by_hand():
     assert result["scores"]["closed_accuracy"] == pytest.approx(50.0)
     assert result["scores"]["open_accuracy"] == pytest.approx(100 * 2 / 3)
     assert result["scores"]["yes_no_accuracy"] == pytest.approx(100 / 3)
-    assert result["counts"] == {"accuracy": 7, "closed_accuracy": 4, "open_accuracy": 3, "yes_no_accuracy": 3}
+    assert result["scores"]["non_yes_no_accuracy"] == pytest.approx(75.0)
+    assert result["counts"] == {"accuracy": 7, "closed_accuracy": 4, "open_accuracy": 3, "yes_no_accuracy": 3,
+                                "non_yes_no_accuracy": 4}
     category = result["groups"]["category"]
     assert category["PRES"] == {"accuracy": 50.0, "n": 2}
     assert category["POS"] == {"accuracy": 50.0, "n": 2}  # record 1 counts toward PRES and POS
