@@ -51,7 +51,7 @@ def clean_text(text: str) -> str:
     return " ".join(str(text).lower().translate(str.maketrans("", "", string.punctuation)).split())
 
 
-def _percent(hits: int, n: int) -> float:
+def _percent(hits: float, n: int) -> float:
     return 100.0 * hits / n if n else 0.0
 
 
@@ -59,10 +59,22 @@ def _percent(hits: int, n: int) -> float:
 # VQA: exact match, open / closed / yes-no, per group
 
 
+def vqa_credit(prediction: str, record: Record) -> float:
+    """1 when the normalised prediction equals a normalised reference, else 0.
+
+    Records that carry per-answer confidences (BiomedGPT TSV answers `conf|!+answer`) give that confidence
+    instead, as BiomedGPT's `ref_dict.get(hyp, 0)` does.
+    """
+    predicted = normalize_vqa_answer(prediction)
+    confidences = record.attributes.get("answer_confidences")
+    if confidences:
+        return max((float(c) for a, c in confidences.items() if normalize_vqa_answer(a) == predicted), default=0.0)
+    return float(predicted in {normalize_vqa_answer(t) for t in record.targets})
+
+
 def vqa_hits(predictions: Sequence[str], records: Sequence[Record]) -> list[bool]:
-    """A hit when the normalised prediction equals any normalised reference."""
-    return [normalize_vqa_answer(p) in {normalize_vqa_answer(t) for t in r.targets}
-            for p, r in zip(predictions, records, strict=True)]
+    """Whether each prediction earned any credit (the sample table's right/wrong)."""
+    return [vqa_credit(p, r) > 0 for p, r in zip(predictions, records, strict=True)]
 
 
 def vqa_metrics(predictions: Sequence[str], records: Sequence[Record],
@@ -74,7 +86,7 @@ def vqa_metrics(predictions: Sequence[str], records: Sequence[Record],
     `non_yes_no_accuracy` the rest (MILE's "Opened"); their count-weighted mean, MILE's "Global", is `accuracy`.
     A record in several categories ("POS, PRES" in VQA-RAD) counts toward each.
     """
-    hits = vqa_hits(predictions, records)
+    hits = [vqa_credit(p, r) for p, r in zip(predictions, records, strict=True)]
     splits = {"": [True] * len(records),
               "closed_": [r.answer_type == CLOSED for r in records],
               "open_": [r.answer_type == OPEN for r in records],
@@ -99,11 +111,11 @@ def _group_values(record: Record, key: str) -> list[str]:
     return [str(v).strip() for v in values if str(v).strip()]
 
 
-def _group_accuracy(hits: Sequence[bool], records: Sequence[Record], keys: Sequence[str]) -> dict:
+def _group_accuracy(hits: Sequence[float], records: Sequence[Record], keys: Sequence[str]) -> dict:
     """{key: {value: {"accuracy": %, "n": count}}} for each attribute key some record carries."""
     groups = {}
     for key in keys:
-        tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        tally: dict[str, list[float]] = defaultdict(lambda: [0, 0])
         for hit, record in zip(hits, records, strict=True):
             for value in _group_values(record, key):
                 tally[value][0] += hit

@@ -115,3 +115,11 @@ def test_compute_metrics_refuses_misaligned_or_unlabelled_input():
         compute_metrics("vqa", ["yes"], [_record(0, None)])
     with pytest.raises(KeyError, match="known tasks"):
         compute_metrics("detect", ["x"], [_record(0, "x")])
+
+
+def test_answer_confidences_give_biomedgpt_credit():
+    """BiomedGPT TSV answers carry confidences; the score is the predicted answer's confidence."""
+    record = _record(0, "ct", answer_type=OPEN, targets=["ct", "CT scan"],
+                     answer_confidences={"ct": 1.0, "CT scan": 0.5})
+    scores = [compute_metrics("vqa", [p], [record])["scores"]["accuracy"] for p in ("ct", "ct scan", "mri")]
+    assert scores == [100.0, 50.0, 0.0]
