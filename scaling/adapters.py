@@ -13,6 +13,18 @@ target is a regex that only matches modules of its components, so a vision LoRA 
 Prefix tuning and P-tuning v2 use peft's `PrefixEncoder` for the parameters (MILE: PrefixTuningConfig with and without
 `prefix_projection`) and feed the model's `prefix_key_values` through forward pre-hooks on the encoder/decoder, so
 `generate()` sees them too. peft itself cannot express a prefix on only one side of a custom encoder-decoder.
+MILE's z = [PREFIX; x] is realised as in its code (and Li & Liang): P virtual key/value vectors prepended in every
+self-attention layer of the component, produced by an MLP from P embeddings (prefix) or read from a trainable
+P x (layers * 2 * d) matrix (ptv2); they carry no position bias and do not shift the real tokens' positions.
+
+Policies in detail:
+- freeze / full set requires_grad; a parameter tied across components (the shared token embedding) trains when any
+  of its owners is full. A ResNet that is not fully trained normalises with its BatchNorm running statistics.
+- QLoRA (quantize nf4/int8) replaces the nn.Linear of every non-full component by a frozen bitsandbytes layer before
+  the adapters are injected (peft then uses its bnb-aware LoRA/IA3 layers); adapters stay float32.
+- save_adapter writes the trainable tensors only (+ BatchNorm statistics of a fully trained ResNet): under ZeRO-3
+  every rank calls it and the trainable parameters are gathered first. load_adapter re-applies the saved policy
+  to a base model and loads them; merge_adapters folds LoRA/DoRA/IA3 into the weights (not prefixes, not quantised).
 """
 
 from __future__ import annotations
