@@ -94,7 +94,7 @@ def predict_records(model, tokenizer, records: Sequence[Record], task: Task, dec
     loader = accelerator.prepare_data_loader(_index_loader(records, collator, batch_size))
     generator = accelerator.unwrap_model(model)
     synced = accelerator.num_processes > 1  # ranks stop generating at different lengths; ZeRO-3 needs lockstep
-    candidates = CandidateCache(task, tokenizer)
+    candidates, sync_count = CandidateCache(task, tokenizer), _count_synchronizer(accelerator)
     positions, predictions = [], []
     was_training = generator.training
     generator.eval()
@@ -104,7 +104,7 @@ def predict_records(model, tokenizer, records: Sequence[Record], task: Task, dec
         for batch in steps:
             indices = batch["index"].tolist()
             texts = predict_batch(generator, tokenizer, batch, [records[i] for i in indices], task, decoding,
-                                  candidates, synced_gpus=synced, sync_count=_count_synchronizer(accelerator))
+                                  candidates, synced_gpus=synced, sync_count=sync_count)
             positions += accelerator.gather_for_metrics(indices, use_gather_object=True)
             predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
     generator.train(was_training)
@@ -112,6 +112,7 @@ def predict_records(model, tokenizer, records: Sequence[Record], task: Task, dec
 
 
 def _in_dataset_order(positions: list[int], predictions: list[str], n: int) -> list[str]:
+    """Gathered predictions placed at their dataset positions; a repeat or a gap is an error, never silent."""
     ordered: list[str | None] = [None] * n
     for position, prediction in zip(positions, predictions, strict=True):
         if ordered[position] is not None:
