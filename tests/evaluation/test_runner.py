@@ -2,10 +2,18 @@
 
 import pytest
 
-from scaling.config import EvalArgs
+from scaling.config import Config, EvalArgs
 from scaling.data.records import Record
 from scaling.data.tasks import get_task
-from scaling.evaluation.runner import _fallback_without_candidates, _in_dataset_order, decoding_for, flat_metrics
+from scaling.evaluation.runner import (
+    _fallback_without_candidates,
+    _in_dataset_order,
+    decoding_for,
+    eval_collator,
+    flat_metrics,
+)
+from scaling.models.biomedgpt import BiomedGPTConfig
+from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
 
 
 @pytest.mark.parametrize("task, mode, beam", [("vqa", "constrained", 1), ("caption", "generate", 10),
@@ -45,3 +53,18 @@ def test_flat_metrics_name_dataset_and_score():
     evaluations = [{"dataset": {"name": "vqa_rad/test"}, "metrics": {"scores": {"closed_accuracy": 70.0}}},
                    {"dataset": {"name": "pubmedqa/test"}}]  # a non-main rank has no metrics
     assert flat_metrics(evaluations) == {"vqa_rad/test/closed_accuracy": 70.0}
+
+
+def test_eval_collator_uses_instruction_prompts_when_configured():
+    tokenizer = train_bpe_tokenizer(["is the lesion in the liver? yes no"] * 10, vocab_size=280, num_codes=0,
+                                    num_bins=0)
+    records = [Record(id=str(i), task="vqa", image=None, text={"question": "is there a lesion?"}, target=t,
+                      attributes={"category": "PRES"}) for i, t in enumerate(["yes", "no", "liver", "kidney"])]
+    model_config = BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer))
+    cfg = Config()
+    plain = eval_collator(tokenizer, cfg, model_config, records)(records)
+    cfg.data.instruction = True
+    instructed = eval_collator(tokenizer, cfg, model_config, records)(records)
+    assert instructed["input_ids"].shape[1] > plain["input_ids"].shape[1]  # templates wrap the question
+    again = eval_collator(tokenizer, cfg, model_config, records)(records)
+    assert (again["input_ids"] == instructed["input_ids"]).all()  # deterministic prompts for evaluation
