@@ -65,6 +65,8 @@ from scaling.training.tracking import TrainingProgress, plot_loss, truncate_metr
 log = get_logger("recipes.instruct")
 
 FAULT_NONFINITE = "SCALING_FAULT_NONFINITE"
+DEFAULT_TASKS = ("vqa",)
+"""Without data.sources: instruction-tune on the synthetic VQA questions (as MILE tuned on VQA-RAD / SLAKE)."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.train.seed)
 
     # 3. data, tokenizer, model
-    sources = training_sources(cfg, accelerator)
+    sources = training_sources(cfg, accelerator, tasks=DEFAULT_TASKS)
     train_records = load_split(sources, cfg.data, "train")
     tokenizer = build_tokenizer(cfg, accelerator, train_records)
     model = build_model(cfg, tokenizer)
@@ -280,9 +282,8 @@ def evaluation_records(cfg: Config, sources: list[SourceArgs]) -> dict[str, list
     """data.eval_sources, else the test split of the training sources that have one (VQA only for the default)."""
     from scaling.data.sources import get_source
 
-    chosen = cfg.data.eval_sources or [
-        SourceArgs(s.name, s.path, "test", s.weight, s.options) for s in sources
-        if "test" in get_source(s.name).splits and (cfg.data.sources or get_source(s.name).task == "vqa")]
+    chosen = cfg.data.eval_sources or [SourceArgs(s.name, s.path, "test", s.weight, s.options) for s in sources
+                                       if "test" in get_source(s.name).splits]
     records = load_split(chosen, cfg.data, "test")
     return {name: recs[: cfg.eval.max_samples] for name, recs in records.items() if recs}
 
