@@ -90,3 +90,13 @@ def test_merge_puts_checkpoints_side_by_side(tmp_path):
 def test_merge_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no report.json"):
         merge_reports([tmp_path / "nowhere"], tmp_path / "out")
+
+
+def test_merge_tells_apart_checkpoints_that_share_a_name(tmp_path):
+    for run, predictions in (("run_a", ("yes", "no", "ct", "liver")), ("run_b", ("no", "no", "mri", "liver"))):
+        report = _report(tmp_path, "export", 100, predictions)
+        report["evaluations"][0]["checkpoint"]["fingerprint"] = run  # different weights, same directory name
+        write_report(report, tmp_path / run)
+    merged = merge_reports([tmp_path / "run_a", tmp_path / "run_b"], tmp_path / "compare")
+    assert [e["checkpoint"]["name"] for e in merged["evaluations"]] == ["export (run_a)", "export (run_b)"]
+    assert "| vqa_rad/test | vqa | accuracy | 100.00 | 50.00 |" in (tmp_path / "compare" / "report.md").read_text()
