@@ -88,12 +88,16 @@ class BatchStream:
                                rank=rank, world_size=world_size, batch_size=cfg.train.batch_size)
         self.transform = ImageTransform(image_size, train=True, seed=cfg.train.seed * 1000 + rank)
         self.collator = Collator(tokenizer, image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
-                                 cfg.data.prompt_type, instruction=instruction, transform=self.transform)
+                                 cfg.data.prompt_type, transform=self.transform)
+        self.instruction = instruction
         self.batch_size = cfg.train.batch_size
 
     def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
-        records = [self.mixture.next() for _ in range(self.batch_size)]
-        batch = self.collator(records)
+        from scaling.data.collate import format_record
+
+        epoch = self.mixture.state_dict()["epoch"]  # instruction templates and options are re-drawn every epoch
+        samples = [format_record(self.mixture.next(), self.instruction, epoch) for _ in range(self.batch_size)]
+        batch = self.collator(samples)
         return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
 
     def state_dict(self) -> dict:
