@@ -245,11 +245,24 @@ def evaluation_title(evaluation: dict) -> str:
 
 
 def settings_line(evaluation: dict) -> str:
+    """Samples, source, decoding, speed and the fingerprints that say what exactly was evaluated."""
     d, t, c, ds = evaluation["decoding"], evaluation["timing"], evaluation["checkpoint"], evaluation["dataset"]
     decoding = ", ".join(f"{k}={v}" for k, v in d.items())
-    return (f"{ds['n']} samples ({ds.get('source')}, split {ds.get('split')}), decoding: {decoding}; "
-            f"{t['seconds']:.1f} s ({t['samples_per_s']:.2f} samples/s); checkpoint {c.get('path')} "
+    origin = ", ".join(str(x) for x in (ds.get("source"), ds.get("split") and f"split {ds['split']}") if x)
+    return (f"{ds['n']} samples{f' ({origin})' if origin else ''}, decoding: {decoding}; "
+            f"{t['seconds']:.1f} s ({t['samples_per_s']:.2f} samples/s); checkpoint {c.get('path') or 'in memory'} "
             f"[{(c.get('fingerprint') or 'no fingerprint')[:12]}], data [{ds['fingerprint'][:12]}]")
+
+
+def comparability_notes(report: dict) -> list[str]:
+    """Datasets evaluated on different records under one name (other split, max_samples, data version)."""
+    notes = []
+    for dataset in dataset_names(report):
+        prints = {e["dataset"]["fingerprint"][:12] for e in report["evaluations"] if e["dataset"]["name"] == dataset}
+        if len(prints) > 1:
+            notes.append(f"{dataset} was evaluated on different records in different runs (data fingerprints "
+                         f"{', '.join(sorted(prints))}); its scores are not directly comparable")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,7 +279,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict) -> str:
     """The whole report as Markdown tables (no images)."""
     parts = ["# Evaluation report", "", f"Created {report['created']}.", "", "## Summary", "",
-             _md_table(*summary_table(report))]
+             _md_table(*summary_table(report)), *(f"\n**Note:** {note}" for note in comparability_notes(report))]
     parts += ["", "## Runs", "", _md_table(*runs_table(report)), "",
               "The full configuration of each run is in report.json (`runs[i].config`)."]
     for evaluation in report["evaluations"]:
@@ -389,7 +402,7 @@ table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.ok { background: #e6f4ea; } td.bad { background: #fce8e6; }
-img.chart { max-width: 100%; } .settings { color: #555; font-size: 0.85rem; }
+img.chart { max-width: 100%; } .settings { color: #555; font-size: 0.85rem; } .note { color: #a33; }
 """
 
 
@@ -425,7 +438,9 @@ def _config_html(run: dict) -> str:
 def render_html(report: dict) -> str:
     """One HTML file with every table of report.md, the charts and the sample table, images as data URIs."""
     body = [f"<h1>Evaluation report</h1><p>Created {html.escape(report['created'])}.</p>", "<h2>Summary</h2>",
-            _html_table(*summary_table(report)), _img(chart_primary_scores(report), "primary score per dataset"),
+            _html_table(*summary_table(report)),
+            *(f"<p class=\"note\">Note: {html.escape(note)}</p>" for note in comparability_notes(report)),
+            _img(chart_primary_scores(report), "primary score per dataset"),
             _img(chart_checkpoints(report), "checkpoints side by side"), "<h2>Runs</h2>",
             _html_table(*runs_table(report)), *map(_config_html, report["runs"])]
     for evaluation in report["evaluations"]:

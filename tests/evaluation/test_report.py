@@ -99,4 +99,16 @@ def test_merge_tells_apart_checkpoints_that_share_a_name(tmp_path):
         write_report(report, tmp_path / run)
     merged = merge_reports([tmp_path / "run_a", tmp_path / "run_b"], tmp_path / "compare")
     assert [e["checkpoint"]["name"] for e in merged["evaluations"]] == ["export (run_a)", "export (run_b)"]
-    assert "| vqa_rad/test | vqa | accuracy | 100.00 | 50.00 |" in (tmp_path / "compare" / "report.md").read_text()
+    markdown = (tmp_path / "compare" / "report.md").read_text()
+    assert "| vqa_rad/test | vqa | accuracy | 100.00 | 50.00 |" in markdown
+    assert "not directly comparable" not in markdown  # both runs saw the same records
+
+
+def test_merge_flags_datasets_evaluated_on_different_records(tmp_path):
+    write_report(_report(tmp_path, "base", 100), tmp_path / "a")
+    other = _report(tmp_path, "large", 400)
+    other["evaluations"][0]["dataset"]["fingerprint"] = "f" * 64  # e.g. another eval.max_samples
+    write_report(other, tmp_path / "b")
+    merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "compare")
+    for name in ("report.md", "report.html"):
+        assert "vqa_rad/test was evaluated on different records" in (tmp_path / "compare" / name).read_text()
