@@ -14,16 +14,18 @@ on eval.base_checkpoint. eval.mode: auto (each task's BiomedGPT decoding), gener
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
 from pathlib import Path
 
-from scaling.config import Config, Runtime, load_config
+from scaling.config import Config, Runtime, SourceArgs, load_config
 from scaling.data.records import Record
 from scaling.evaluation.checkpoints import load_for_eval
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
 from scaling.logging import get_logger, setup_logging
+from scaling.training.batches import training_sources
 from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
 
 log = get_logger("recipes.evaluate")
@@ -47,33 +49,30 @@ def checkpoints_to_evaluate(cfg: Config) -> list[str]:
     return cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
 
 
+def evaluation_sources(cfg: Config, accelerator) -> list[SourceArgs]:
+    """data.eval_sources, else the test split of the embedded synthetic data (the training recipes' cache)."""
+    if cfg.data.eval_sources:
+        return cfg.data.eval_sources
+    return [dataclasses.replace(s, split="test") for s in training_sources(cfg, accelerator)]
+
+
 def load_datasets(cfg: Config, accelerator) -> dict[str, tuple[list[Record], dict]]:
     """{name: (records, description)} of the evaluation sources (at most eval.max_samples records each)."""
     from scaling.data.sources import load_source
 
-    with accelerator.main_process_first():  # the main process generates the synthetic data once
-        sources = [(f"{s.name}/{s.split}", s.name, s.path, s.split, s.options) for s in cfg.data.eval_sources]
-        datasets = {}
-        for label, name, path, split, options in sources or synthetic_sources(cfg):
-            result = load_source(name, path, split, on_bad_record=cfg.data.on_bad_record, **options)
-            if result.n_skipped:
-                log.warning("%s: skipped %d records (%s)", label, result.n_skipped, dict(result.skipped))
-            records = result.records[: cfg.eval.max_samples]
-            if not records:
-                raise ValueError(f"{name} ({path}, split {split}) has no usable records to evaluate")
-            info = {"source": name, "split": split, "path": str(path), "skipped": dict(result.skipped),
-                    "available": len(result.records)}
-            datasets[label] = (records, info)
+    datasets = {}
+    for source in evaluation_sources(cfg, accelerator):
+        result = load_source(source.name, source.path, source.split, on_bad_record=cfg.data.on_bad_record,
+                             **source.options)
+        records = result.records[: cfg.eval.max_samples]
+        if not records:
+            raise ValueError(f"{source.name} ({source.path}, split {source.split}) has no usable records to evaluate")
+        label = f"{source.name}/{source.split}" if cfg.data.eval_sources else f"synthetic/{records[0].task}"
+        if result.n_skipped:
+            log.warning("%s: skipped %d records (%s)", label, result.n_skipped, dict(result.skipped))
+        datasets[label] = (records, {"source": source.name, "split": source.split, "path": str(source.path),
+                                     "skipped": dict(result.skipped), "available": len(result.records)})
     return datasets
-
-
-def synthetic_sources(cfg: Config) -> list[tuple]:
-    """The test split of the embedded synthetic data, one source per task."""
-    from scaling.data.synthetic import generate_synthetic
-
-    data = generate_synthetic(Path(cfg.data.cache_dir) / "synthetic", n_images=cfg.data.synthetic_images,
-                              seed=cfg.train.seed)
-    return [(f"synthetic/{task}", s.loader, s.path, "test", s.options) for task, s in data.sources.items()]
 
 
 def prepare_model(model, accelerator, cfg: Config):
