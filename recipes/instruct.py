@@ -21,7 +21,7 @@ Launch (from the repository root; `key=value` overrides follow the config):
         --config recipes/configs/biomedgpt/xlarge_zero3_instruct.yaml
 
 Resume with `train.resume=auto`; SIGTERM (Slurm preemption) writes a checkpoint and exits. The training loop is the
-one of recipes/finetune.py (kept identical by tests/recipes/test_instruct.py); only the data formatting and the
+one of recipes/finetune.py (kept identical by tests/recipes/test_instruct_recipe.py); only the data formatting and the
 final evaluation differ. Test-only fault injection as in recipes/finetune.py.
 """
 
