@@ -359,6 +359,20 @@ def chart_checkpoints(report: dict) -> str | None:
     return _figure_uri(figure)
 
 
+def chart_scores(evaluation: dict) -> str:
+    """Bars of every score of one evaluation (overall / closed / open, or BLEU-1..4, ROUGE, CIDEr-D)."""
+    plt = _pyplot()
+    scores = evaluation["metrics"]["scores"]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(scores) + 1.5), 2.8))
+    bars = axis.bar(list(scores), list(scores.values()), color="#55a868")
+    axis.bar_label(bars, labels=[fmt(v) for v in scores.values()], fontsize=7)
+    axis.set_ylim(0, 1.1 * max(100.0, *scores.values()))  # percentages; CIDEr-D may pass 100
+    axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+    axis.set_ylabel("score")
+    axis.set_title(evaluation_title(evaluation), fontsize=9)
+    return _figure_uri(figure)
+
+
 def chart_groups(evaluation: dict, key: str) -> str:
     """Horizontal bars of accuracy per group value, annotated with the sample count."""
     plt = _pyplot()
@@ -447,7 +461,7 @@ def render_html(report: dict) -> str:
         metrics = evaluation["metrics"]
         body += [f"<h2>{html.escape(evaluation_title(evaluation))}</h2>",
                  f"<p class=\"settings\">{html.escape(settings_line(evaluation))}</p>",
-                 _html_table(*scores_table(evaluation))]
+                 _html_table(*scores_table(evaluation)), _img(chart_scores(evaluation), "scores")]
         for key, groups in metrics.get("groups", {}).items():
             body += [f"<h3>By {html.escape(key)}</h3>", _html_table(*group_table(groups)),
                      _img(chart_groups(evaluation, key), f"accuracy by {key}")]
