@@ -102,13 +102,13 @@ def build_model(cfg: Config, tokenizer) -> BiomedGPTForConditionalGeneration:
         model = BiomedGPTForConditionalGeneration(config)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.freeze_embeddings:  # tied: freezes the output projection too, as BiomedGPT fine-tuning did
-        model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.peft.enabled:
         from scaling.adapters import apply_peft, count_trainable, print_trainable
 
         model = apply_peft(model, cfg.peft)
         print_trainable(count_trainable(model))
+    if cfg.train.freeze_embeddings:  # after PEFT's trainable policy; tied, so the output projection freezes too
+        model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
 
