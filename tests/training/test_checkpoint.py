@@ -102,3 +102,10 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path, accelerator):
     (path / COMPLETE).write_text(json.dumps({**manifest, "world_size": 8}))
     with pytest.raises(CheckpointError, match="written by 8 processes"):
         load_checkpoint(accelerator, path)
+
+
+def test_export_cli_explains_a_run_without_checkpoints(tmp_path, capsys):
+    from scaling.cli import main
+
+    assert main(["export", str(tmp_path)]) == 1
+    assert "has no complete checkpoint" in capsys.readouterr().err
