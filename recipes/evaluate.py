@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.config import Config, Runtime, SourceArgs, load_config
-from scaling.data.records import Record
-from scaling.evaluation.checkpoints import load_for_eval
+from scaling.config import Config, ConfigError, Runtime, SourceArgs, load_config
+from scaling.data.records import DataError, Record
+from scaling.evaluation.checkpoints import CheckpointNotFound, find_model_dirs, load_for_eval
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
 from scaling.logging import get_logger, setup_logging
 from scaling.training.batches import training_sources
@@ -45,8 +45,17 @@ def output_dir(cfg: Config) -> Path:
 
 
 def checkpoints_to_evaluate(cfg: Config) -> list[str]:
-    """eval.checkpoints, else model.checkpoint, else the run's own export."""
-    return cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
+    """eval.checkpoints, else model.checkpoint, else the run's own export; every one checked before any work."""
+    paths = cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
+    problems = []
+    for path in paths:
+        try:
+            find_model_dirs(path, cfg.eval.base_checkpoint)
+        except CheckpointNotFound as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError(problems, "eval.checkpoints")
+    return paths
 
 
 def evaluation_sources(cfg: Config, accelerator) -> list[SourceArgs]:
@@ -86,15 +95,16 @@ def prepare_model(model, accelerator, cfg: Config):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    checkpoints = checkpoints_to_evaluate(cfg)
     out_dir = output_dir(cfg)
     accelerator = build_accelerator(cfg)
     setup_logging(out_dir, cfg.logging.level)
     start = time.perf_counter()
     datasets = load_datasets(cfg, accelerator)
-    log.info("evaluating %s on %s", ", ".join(checkpoints_to_evaluate(cfg)),
+    log.info("evaluating %s on %s", ", ".join(checkpoints),
              ", ".join(f"{name} ({len(records)})" for name, (records, _) in datasets.items()))
     evaluations = []
-    for path in checkpoints_to_evaluate(cfg):
+    for path in checkpoints:
         model, tokenizer, info = load_for_eval(path, cfg.eval.base_checkpoint)
         collator = eval_collator(tokenizer, cfg, model.config, [r for recs, _ in datasets.values() for r in recs])
         model = prepare_model(model, accelerator, cfg)
@@ -110,4 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, CheckpointNotFound, DataError) as err:  # the message names the file and the fix
+        log.error("%s", err)
+        sys.exit(1)

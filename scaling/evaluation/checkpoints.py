@@ -54,13 +54,18 @@ def _base_for(adapter: Path, base: str | Path | None) -> Path:
                              "model directory (eval.base_checkpoint=... or --base-checkpoint)")
 
 
+def find_model_dirs(path: str | Path, base: str | Path | None = None) -> tuple[Path, Path]:
+    """(checkpoint directory, directory of the full model it needs): the same for a model, the base for an adapter."""
+    directory = resolve_checkpoint(path)
+    return directory, _base_for(directory, base) if is_adapter(directory) else directory
+
+
 def load_for_eval(path: str | Path, base: str | Path | None = None):
     """(model in eval mode, tokenizer, report entry) for a model directory or an adapter on its base."""
     from scaling.models.biomedgpt import BiomedGPTForConditionalGeneration
     from scaling.models.biomedgpt.tokenization import load_tokenizer
 
-    directory = resolve_checkpoint(path)
-    model_dir = _base_for(directory, base) if is_adapter(directory) else directory
+    directory, model_dir = find_model_dirs(path, base)
     model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
     tokenizer = load_tokenizer(model_dir)
     name, fingerprint = checkpoint_name(directory), checkpoint_fingerprint(model_dir)

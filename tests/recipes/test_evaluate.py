@@ -144,3 +144,18 @@ def test_two_checkpoints_in_score_mode_and_report_merge(checkpoint, adapter, cac
     assert cli(["report", str(out), str(out / "report.json"), "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "report.json").read_text())
     assert len(merged["evaluations"]) == 4 and len(merged["runs"]) == 2
+
+
+def test_missing_checkpoints_are_all_named_before_any_work(checkpoint, tmp_path):
+    import importlib.util
+
+    from scaling.config import ConfigError
+
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    with pytest.raises(ConfigError) as error:
+        recipe.main([f"eval.checkpoints=[{tmp_path / 'a'}, {checkpoint}, {tmp_path / 'b'}]",
+                     f"train.output_dir={tmp_path / 'run'}"])
+    assert len(error.value.problems) == 2 and "not a checkpoint" in str(error.value)
+    assert not (tmp_path / "run").exists()  # nothing was started
