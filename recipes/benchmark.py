@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--loader-batches", type=int, default=12, help="batches drawn to time the data loader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: torch's); on a shared, oversubscribed CPU 1 avoids OpenMP "
+                        "barrier stalls that otherwise dominate small ops")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (toolkit and bare loops)")
     p.add_argument("--skip", nargs="*", default=[], choices=("loader", "generation"), help="parts to leave out")
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json and benchmark.md")
@@ -85,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     # 1. arguments, launch topology, model
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     cfg = load_config(None, [f"train.output_dir={out_dir / 'run'}", f"train.batch_size={args.batch}",
                              f"train.max_steps={args.warmup + args.steps * args.repeats}", "train.save_every=1000000",
@@ -99,13 +104,16 @@ def main(argv: list[str] | None = None) -> dict:
                "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters())}
 
     # 2. dense matmul peak of the same dtype on the same device (this run's ceiling for MFU)
+    log.info("benchmark %s: measuring the %s matmul peak", results["shape"], args.precision)
     results["matmul_peak_flops"] = matmul_peak(compute_dtype(args.precision), accelerator.device)
 
     # 3. FLOPs of one training forward+backward
+    log.info("counting FLOPs of one training step")
     bare_model = copy.deepcopy(model).to(accelerator.device)
     results["flops_per_step"] = step_flops(bare_model, batches[0], args.precision, accelerator.device)
 
     # 4. toolkit loop (recipes/finetune.py) and bare loop on the same batches, alternating to share the noise
+    log.info("timing %d x %d steps of the toolkit and the bare loop", args.repeats, args.steps)
     reset_peak_memory(accelerator.device)
     toolkit = ToolkitLoop(cfg, accelerator, model, batches, args)
     bare = BareLoop(bare_model, batches, args, accelerator.device)
@@ -121,10 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. data loader alone: real Collator + synthetic records, workers + prefetch (and in-process for reference)
     if "loader" not in args.skip:
+        log.info("timing the data loader")
         results.update(loader_throughput(args, model.config.image_size, results["samples_per_s"]))
 
     # 6. generation: KV cache on/off, batched vs one by one
     if "generation" not in args.skip:
+        log.info("timing generation")
         results.update(generation_throughput(accelerator.unwrap_model(model), batches[0], args, accelerator.device))
 
     # 7. report
