@@ -351,10 +351,14 @@ def activation_bytes(
     gradient_checkpointing: bool = False,
     device: str = "cuda",
 ) -> dict[str, int]:
-    """Bytes one micro-batch keeps for backward, per part (vision, encoder, decoder, head) and in total.
+    """Peak activation bytes of one micro-batch's forward + backward, per part and in total (parts: vision,
+    embeddings, encoder, decoder, head, transient).
 
     Counted from the tensors autograd saves in `modeling.py` with the model in its compute dtype (DeepSpeed casts the
-    module; fp32 otherwise). Encoder length S = (image_size / 16)^2 patches + src_len text tokens; decoder length T.
+    module; fp32 otherwise), plus the measured transient peak (`BODY_PEAK_FACTOR`, the cross-entropy's temporaries).
+    Encoder length S = (image_size / 16)^2 patches + src_len text tokens; decoder length T. Attention biases are
+    counted per sample, (B, H, S, S), as text padding makes them (an unpadded batch shares one (1, H, S, S) bias, so
+    the estimate is an upper bound there).
     Attention carries a learned additive bias, so its kernel keeps: on CUDA (memory-efficient SDPA) q, k, v, the bias
     and the log-sum-exp; on CPU (math SDPA, the only kernel with a bias gradient there) fp32 copies of q, k, v and the
     fp32 probabilities. Gradient checkpointing (per layer) keeps each layer's inputs (hidden states and its bias) and
