@@ -138,7 +138,7 @@ class TrainArgs:
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
-    max_steps: int = 600
+    max_steps: int = 1500
     """Optimizer steps to train for."""
     batch_size: int = 16
     """Micro-batch size per process."""
@@ -164,7 +164,7 @@ class TrainArgs:
     """Freeze the shared token embeddings (BiomedGPT fine-tuning did)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.9999); 0 disables."""
-    save_every: int = 200
+    save_every: int = 500
     """Save a resumable checkpoint every this many optimizer steps (and at the end)."""
     keep_last: int = 2
     """How many step checkpoints to keep."""
