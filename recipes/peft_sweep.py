@@ -214,6 +214,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
         ax.annotate(row["label"], (row["params_pct"], row["global"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
+    ax.set_ylim(0, 100)  # the full scale: a flat sweep must look flat
     ax.set_xlabel("trainable parameters (% of all, adapters included)")
     ax.set_ylabel("global VQA accuracy (%)")
     ax.set_title("PEFT policy per component: accuracy vs. trainable share")
