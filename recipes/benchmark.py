@@ -423,7 +423,7 @@ def markdown_table(r: dict) -> str:
         ("training step (toolkit)", f"{r['step_time_s'] * 1000:.0f} ms", ""),
         ("training step (bare torch loop)", f"{r['bare_step_time_s'] * 1000:.0f} ms", ""),
         ("toolkit overhead", f"{r['toolkit_overhead']:+.1%}", target("toolkit_overhead", r)),
-        ("samples/s", f"{r['samples_per_s']:.2f}", ""),
+        ("samples/s" + (" per process" if r["processes"] > 1 else ""), f"{r['samples_per_s']:.2f}", ""),
         ("tokens/s (image + text)", f"{r['tokens_per_s']:.0f} ({r['image_tokens_per_s']:.0f} + "
                                     f"{r['text_tokens_per_s']:.0f})", ""),
         ("FLOPs per step (FlopCounterMode)", f"{r['flops_per_step'] / 1e9:.1f} GFLOP", ""),
