@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("benchmark %s: measuring the %s matmul peak", results["shape"], args.precision)
     results["matmul_peak_flops"] = matmul_peak(compute_dtype(args.precision), accelerator.device)
 
-    # 3. FLOPs of one training forward+backward
+    # 3. FLOPs of one training forward+backward (eager), then the optional torch.compile of both loops' models
     log.info("counting FLOPs of one training step")
     bare_model = copy.deepcopy(model).to(accelerator.device)
     results["flops_per_step"] = step_flops(bare_model, batches[0], args.precision, accelerator.device)
+    if args.compile:
+        model, bare_model = torch.compile(model), torch.compile(bare_model)
 
     # 4. toolkit loop (recipes/finetune.py) and bare loop on the same batches, alternating to share the noise
     log.info("timing %d x %d steps of the toolkit and the bare loop", args.repeats, args.steps)
@@ -165,8 +167,7 @@ def autocast(precision: str, device: torch.device):
 
 def build_benchmark_model(args: argparse.Namespace) -> BiomedGPTForConditionalGeneration:
     config = BiomedGPTConfig.from_preset(args.preset, image_size=args.image_size, label_smoothing=0.1)
-    model = BiomedGPTForConditionalGeneration(config)
-    return torch.compile(model) if args.compile else model
+    return BiomedGPTForConditionalGeneration(config)
 
 
 def synthetic_batches(config, args: argparse.Namespace, device: torch.device, count: int = 2) -> list[dict]:
