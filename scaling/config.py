@@ -55,6 +55,10 @@ class SourceArgs:
             out.append(f"data source {self.name!r}: weight must be > 0, got {self.weight}")
         if self.split not in ("train", "validation", "test"):
             out.append(f"data source {self.name!r}: split must be train, validation or test, got {self.split!r}")
+        elif self.name != "synthetic":
+            from scaling.data.sources import source_problems  # late: the data package imports this module
+
+            out += source_problems(self.name, self.split, self.options)
         return out
 
 
