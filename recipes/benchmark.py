@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -77,8 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-batches", type=int, default=12, help="batches drawn to time the data loader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: torch's); on a shared, oversubscribed CPU 1 avoids OpenMP "
-                        "barrier stalls that otherwise dominate small ops")
+                   help="intra-op CPU threads (default: torch's, or 1 when the load average exceeds the core count: "
+                        "on an oversubscribed CPU OpenMP barrier stalls otherwise dominate small ops)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (toolkit and bare loops)")
     p.add_argument("--skip", nargs="*", default=[], choices=("loader", "generation"), help="parts to leave out")
     p.add_argument("--out", default="runs/benchmark", help="directory for benchmark.json and benchmark.md")
@@ -88,8 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     # 1. arguments, launch topology, model
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if cpu_oversubscribed() else None)
+    if threads:
+        torch.set_num_threads(threads)
     out_dir = Path(args.out)
     cfg = load_config(None, [f"train.output_dir={out_dir / 'run'}", f"train.batch_size={args.batch}",
                              f"train.max_steps={args.warmup + args.steps * args.repeats}", "train.save_every=1000000",
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model, batches, dtypes
+
+
+def cpu_oversubscribed() -> bool:
+    """A CPU-only host whose 1-minute load average exceeds its cores (other jobs share them)."""
+    return not torch.cuda.is_available() and os.getloadavg()[0] > (os.cpu_count() or 1)
 
 
 def mixed_precision(precision: str) -> str:
