@@ -50,6 +50,7 @@ from scaling.training.checkpoint import (
 )
 from scaling.training.distributed import (
     build_accelerator,
+    cast_for_deepspeed,
     fill_deepspeed_auto,
     log_parameter_shares,
     uses_deepspeed,
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     fill_deepspeed_auto(accelerator, cfg)
+    model = cast_for_deepspeed(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log_parameter_shares(accelerator, model)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None

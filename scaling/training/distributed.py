@@ -112,6 +112,18 @@ def fill_deepspeed_auto(accelerator: Accelerator, cfg: Config) -> None:
                         key, ds[key], value)
 
 
+def cast_for_deepspeed(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under DeepSpeed bf16/fp16, cast the whole model (buffers included) before prepare().
+
+    DeepSpeed casts parameters only; the ResNet's BatchNorm running statistics would stay float32 and
+    `F.batch_norm` refuses mixed dtypes.
+    """
+    if not uses_deepspeed(accelerator):
+        return model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    return model.to(dtype) if dtype is not None else model
+
+
 def log_parameter_shares(accelerator: Accelerator, model) -> tuple[int, int]:
     """Log (every rank) how many parameter elements this rank holds: under ZeRO-3 about 1/N of them."""
     local = total = 0
