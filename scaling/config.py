@@ -102,7 +102,7 @@ class DataArgs:
     """Training sources; empty means the embedded synthetic dataset."""
     eval_sources: list[SourceArgs] = field(default_factory=list)
     """Evaluation sources; empty means the held-out split of the training sources."""
-    synthetic_images: int = 1200
+    synthetic_images: int = 2400
     """Number of images the embedded synthetic generator draws (train + held-out)."""
     instruction: bool = False
     """Wrap samples in instruction templates (MILE-style closed/open templates with options)."""
@@ -142,14 +142,14 @@ class TrainArgs:
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
-    max_steps: int = 1500
+    max_steps: int = 2500
     """Optimizer steps to train for."""
     batch_size: int = 16
     """Micro-batch size per process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (global batch = batch_size × processes × this)."""
-    lr: float = 1e-3
-    """Peak learning rate."""
+    lr: float = 3e-4
+    """Peak learning rate (the default suits the embedded mini model; the size configs set their own)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases, norms and embeddings-bias tables)."""
     warmup_ratio: float = 0.05
@@ -158,8 +158,9 @@ class TrainArgs:
     """Decay after warm-up."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
-    label_smoothing: float = 0.1
-    """Label smoothing of the cross-entropy (BiomedGPT used 0.1)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy (BiomedGPT used 0.1, as the size configs do; the embedded default learns
+    its short answers faster without it)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast dtype; fp16 needs CUDA. Set it here or with `accelerate launch --mixed_precision`."""
     gradient_checkpointing: bool = False
