@@ -217,29 +217,12 @@ def train(cfg: Config, accelerator, model, optimizer, scheduler, stream: BatchSt
     return step
 
 
-def main(argv: list[str] | None = None) -> None:
-    # 1. config: YAML + overrides, validated against the launch environment before any work
-    cfg, config_path = parse_args(argv)
-    cfg.validate(Runtime.from_env(), source=config_path)
+def train_and_export(cfg: Config, accelerator, model, tokenizer, stream: BatchStream):
+    """Steps 4-7 of both recipes: prepare for the topology, resume, train, final checkpoint, export, loss curve.
+
+    Returns the prepared model and the last completed step.
+    """
     run_dir = Path(cfg.train.output_dir)
-    setup_logging(run_dir, cfg.logging.level)
-
-    # 2. processes, precision, trackers; seeds (identical weights on every rank, then per-rank data order)
-    accelerator = build_accelerator(cfg)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir)
-    set_seed(cfg.train.seed)
-
-    # 3. data, tokenizer, model
-    sources = training_sources(cfg, accelerator)
-    train_records = load_split(sources, cfg.data, "train")
-    tokenizer = build_tokenizer(cfg, accelerator, train_records)
-    model = build_model(cfg, tokenizer)
-    if accelerator.is_main_process:
-        save_run_model_info(run_dir, model.config, tokenizer)
-    stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
-                         accelerator.process_index, accelerator.num_processes)
-
     # 4. optimizer, schedule, EMA; one prepare() call wraps everything for the launch topology
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -264,6 +247,35 @@ def main(argv: list[str] | None = None) -> None:
     export_from_run(accelerator, model, tokenizer, run_dir / "export")
     if accelerator.is_main_process:
         plot_loss(run_dir)
+    return model, step
+
+
+def main(argv: list[str] | None = None) -> None:
+    # 1. config: YAML + overrides, validated against the launch environment before any work
+    cfg, config_path = parse_args(argv)
+    cfg.validate(Runtime.from_env(), source=config_path)
+    run_dir = Path(cfg.train.output_dir)
+    setup_logging(run_dir, cfg.logging.level)
+
+    # 2. processes, precision, trackers; seeds (identical weights on every rank, then per-rank data order)
+    accelerator = build_accelerator(cfg)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir)
+    set_seed(cfg.train.seed)
+
+    # 3. data, tokenizer, model
+    sources = training_sources(cfg, accelerator)
+    train_records = load_split(sources, cfg.data, "train")
+    tokenizer = build_tokenizer(cfg, accelerator, train_records)
+    model = build_model(cfg, tokenizer)
+    if accelerator.is_main_process:
+        save_run_model_info(run_dir, model.config, tokenizer)
+    stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
+                         accelerator.process_index, accelerator.num_processes)
+
+    # 4-7. prepare, resume, train, final checkpoint, export, loss curve
+    model, step = train_and_export(cfg, accelerator, model, tokenizer, stream)
+    if accelerator.is_main_process:
         log.info("done: %d steps, export in %s, metrics in %s", step, run_dir / "export", run_dir / "metrics.jsonl")
     accelerator.end_training()
 

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from accelerate.utils import set_seed
-from finetune import build_model, build_tokenizer, resume, train  # recipes/ is on sys.path when run as a script
+from finetune import build_model, build_tokenizer, train_and_export  # recipes/ is on sys.path when run as a script
 
 from scaling.config import Config, Runtime, SourceArgs, load_config, save_config
 from scaling.data.instruct import CandidatePools, InstructionFormatter
@@ -41,19 +41,11 @@ from scaling.logging import get_logger, setup_logging
 from scaling.training.batches import BatchStream, load_split, training_sources
 from scaling.training.checkpoint import (
     CheckpointError,
-    export_from_run,
-    save_checkpoint,
     save_run_model_info,
 )
 from scaling.training.distributed import (
     build_accelerator,
-    cast_for_deepspeed,
-    fill_deepspeed_auto,
-    log_parameter_shares,
 )
-from scaling.training.ema import EMA
-from scaling.training.optim import build_optimizer, build_scheduler
-from scaling.training.tracking import plot_loss
 
 log = get_logger("recipes.instruct")
 
@@ -95,30 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
                          accelerator.process_index, accelerator.num_processes, instruction=formatter)
 
-    # 4. optimizer, schedule, EMA; one prepare() call wraps everything for the launch topology
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    fill_deepspeed_auto(accelerator, cfg)
-    model = cast_for_deepspeed(accelerator, model)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    log_parameter_shares(accelerator, model)
-    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    accelerator.init_trackers(run_dir.name)
-
-    # 5. resume: weights, optimizer, schedule, RNG, EMA and the exact data position
-    start_step = resume(cfg, accelerator, stream, ema)
-
-    # 6. train, then the final checkpoint
-    step = train(cfg, accelerator, model, optimizer, scheduler, stream, start_step, ema)
-    if step % cfg.train.save_every:
-        save_checkpoint(accelerator, run_dir, step, {"data": stream.state_dict()}, cfg.train.keep_last, ema)
-
-    # 7. export a save_pretrained directory (EMA weights when enabled), loss curve
-    if ema is not None:
-        ema.copy_to(accelerator.unwrap_model(model))
-    export_from_run(accelerator, model, tokenizer, run_dir / "export")
-    if accelerator.is_main_process:
-        plot_loss(run_dir)
+    # 4-7. prepare, resume, train, final checkpoint, export, loss curve (recipes/finetune.py)
+    model, step = train_and_export(cfg, accelerator, model, tokenizer, stream)
 
     # 8. zero-shot evaluation on held-out questions, with the instruction prompts the model was tuned on
     metrics = evaluate(cfg, accelerator, model, tokenizer, sources, formatter)
