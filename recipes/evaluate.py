@@ -13,14 +13,13 @@ on eval.base_checkpoint. eval.mode: auto (each task's BiomedGPT decoding), gener
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import sys
 import time
 from pathlib import Path
 
-from scaling.config import Config, ConfigError, Runtime, SourceArgs, load_config
+from scaling.config import Config, ConfigError, Runtime, SourceArgs, parse_cli
 from scaling.data.records import DataError, Record
 from scaling.evaluation.checkpoints import CheckpointNotFound, find_model_dirs, load_for_eval
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
@@ -32,12 +31,8 @@ log = get_logger("recipes.evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (recipes/configs/...); key=value overrides follow")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.mode=score eval.batch_size=8")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return cfg.validate(Runtime.from_env(), source=args.config)
+    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
+    return cfg.validate(Runtime.from_env(), source=config_path)
 
 
 def output_dir(cfg: Config) -> Path:

@@ -25,7 +25,6 @@ at optimizer step STEP; SCALING_FAULT_KILL_DURING_SAVE=STEP (see scaling/trainin
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from scaling.config import Config, Runtime, load_config, save_config
+from scaling.config import Config, Runtime, parse_cli, save_config
 from scaling.logging import get_logger, setup_logging
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from scaling.models.biomedgpt.tokenization import load_tokenizer, train_bpe_tokenizer
@@ -62,15 +61,6 @@ from scaling.training.tracking import TrainingProgress, plot_loss, truncate_metr
 log = get_logger("recipes.finetune")
 
 FAULT_NONFINITE = "SCALING_FAULT_NONFINITE"
-
-
-def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
-    """`--config FILE` plus dotted `key=value` overrides (no other flags: every option lives in the config)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="recipe YAML (recipes/configs/...); omit for the defaults")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides), args.config
 
 
 def build_tokenizer(cfg: Config, accelerator, train_records):
@@ -252,7 +242,7 @@ def train_and_export(cfg: Config, accelerator, model, tokenizer, stream: BatchSt
 
 def main(argv: list[str] | None = None) -> None:
     # 1. config: YAML + overrides, validated against the launch environment before any work
-    cfg, config_path = parse_args(argv)
+    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
     cfg.validate(Runtime.from_env(), source=config_path)
     run_dir = Path(cfg.train.output_dir)
     setup_logging(run_dir, cfg.logging.level)

@@ -27,14 +27,13 @@ evaluation differ. Test-only fault injection as in recipes/finetune.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from accelerate.utils import set_seed
 from finetune import build_model, build_tokenizer, train_and_export  # recipes/ is on sys.path when run as a script
 
-from scaling.config import Config, Runtime, SourceArgs, load_config, save_config
+from scaling.config import Config, Runtime, SourceArgs, parse_cli, save_config
 from scaling.data.instruct import CandidatePools, InstructionFormatter
 from scaling.data.records import Record
 from scaling.logging import get_logger, setup_logging
@@ -53,18 +52,9 @@ DEFAULT_TASKS = ("vqa",)
 """Without data.sources: instruction-tune on the synthetic VQA questions (as MILE tuned on VQA-RAD / SLAKE)."""
 
 
-def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
-    """`--config FILE` plus dotted `key=value` overrides (no other flags: every option lives in the config)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="recipe YAML (recipes/configs/...); omit for the defaults")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides), args.config
-
-
 def main(argv: list[str] | None = None) -> None:
     # 1. config: YAML + overrides, validated against the launch environment before any work
-    cfg, config_path = parse_args(argv)
+    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
     cfg.validate(Runtime.from_env(), source=config_path)
     run_dir = Path(cfg.train.output_dir)
     setup_logging(run_dir, cfg.logging.level)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
-from finetune import build_model, build_tokenizer, parse_args, train  # recipes/ is on sys.path when run as a script
+from finetune import build_model, build_tokenizer, train  # recipes/ is on sys.path when run as a script
 
 from scaling.adapters import count_trainable, save_adapter
-from scaling.config import Config, ConfigError, Runtime, save_config, sweep_row
+from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config, sweep_row
 from scaling.data.records import Record
 from scaling.evaluation.runner import evaluate_model
 from scaling.logging import get_logger, setup_logging
@@ -226,7 +226,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # 1. config and every row's config, validated before any work
-    cfg, config_path = parse_args(argv)
+    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
     cfg.validate(Runtime.from_env(), source=config_path)
     out_dir = Path(cfg.train.output_dir)
     base_dir = out_dir / "pretrain" / "model" if cfg.peft.sweep_pretrain_steps else None

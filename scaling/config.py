@@ -10,6 +10,7 @@ a "did you mean" suggestion; values are checked against the field's type before 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -181,6 +182,9 @@ class TrainArgs:
     """A non-finite loss skips the step; this many in a row stop the run."""
     compile: bool = False
     """Wrap the model with torch.compile."""
+    cpu_threads: int = 0
+    """Intra-op threads per process on CPU hosts; 0 = the cores this process may use, shared among the processes
+    on this machine. (A bare `accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle.)"""
 
     def problems(self) -> list[str]:
         out = []
@@ -198,6 +202,8 @@ class TrainArgs:
             out.append(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_grad_norm < 0:
             out.append(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.cpu_threads < 0:
+            out.append(f"train.cpu_threads must be >= 0 (0 = automatic), got {self.cpu_threads}")
         return out
 
 
@@ -475,6 +481,15 @@ def _runtime_problems(cfg: Config, rt: Runtime) -> list[str]:
 # Loading: YAML + overrides → typed dataclasses
 
 
+def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, str | None]:
+    """A recipe's command line: `--config FILE` and dotted `key=value` overrides, in any order."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="recipe YAML (recipes/configs/...); omit for the defaults")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    args = parser.parse_intermixed_args(argv)
+    return load_config(args.config, args.overrides), args.config
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a Config from a YAML file (optional) and dotted `key=value` overrides; type and key errors all at once."""
     raw: dict[str, Any] = {}
@@ -612,7 +627,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     return docs

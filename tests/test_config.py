@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from scaling.config import Config, ConfigError, Runtime, field_docs, load_config, save_config, TrainArgs
+from scaling.config import Config, ConfigError, Runtime, TrainArgs, field_docs, load_config, parse_cli, save_config
 
 
 def test_defaults_are_valid():
@@ -25,6 +25,14 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"lr": 3e-4, "batch_size": 4}, "peft": {"encoder": "ia3"}}))
     cfg = load_config(path, ["train.batch_size=8"])
     assert (cfg.train.lr, cfg.train.batch_size, cfg.peft.encoder) == (3e-4, 8, "ia3")
+
+
+def test_command_line_overrides_on_either_side_of_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 3e-4, "batch_size": 4}}))
+    cfg, config_path = parse_cli(["train.max_steps=7", "--config", str(path), "train.batch_size=8"], "test")
+    assert config_path == str(path)
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (7, 8, 3e-4)
 
 
 def test_unknown_key_suggests_the_closest():

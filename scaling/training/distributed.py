@@ -56,7 +56,18 @@ def build_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step itself
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
+        log.info("CPU: %d intra-op threads per process", torch.get_num_threads())
     return accelerator
+
+
+def cpu_threads(requested: int) -> int:
+    """`requested`, or the cores this process may use divided among the processes started on this machine."""
+    if requested:
+        return requested
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, len(os.sched_getaffinity(0)) // local_processes)
 
 
 def resolve_mixed_precision(cfg: Config) -> str:

@@ -1,9 +1,11 @@
 """Accelerator construction without a launcher: precision choice, trackers, DeepSpeed "auto" filling."""
 
+import os
+
 import pytest
 
 from scaling.config import load_config
-from scaling.training.distributed import resolve_mixed_precision, trackers
+from scaling.training.distributed import cpu_threads, resolve_mixed_precision, trackers
 from scaling.training.tracking import MetricsLog
 
 
@@ -26,3 +28,12 @@ def test_jsonl_tracker_always_tensorboard_on_request(tmp_path):
     assert [type(t) for t in trackers(cfg)] == [MetricsLog]
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "logging.tensorboard=true"])
     assert trackers(cfg)[1:] == ["tensorboard"]
+
+
+def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cpu_threads(0) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))
+    assert cpu_threads(0) == 1
+    assert cpu_threads(3) == 3
