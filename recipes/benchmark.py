@@ -239,7 +239,7 @@ def step_flops(model, batch: dict, precision: str, device: torch.device) -> int:
     model.train()
     counter = FlopCounterMode(display=False)
     with counter, autocast(precision, device):
-        model(**batch).loss.backward()
+        model(**batch, return_logits=False).loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -301,7 +301,7 @@ class BareLoop:
             batch = self.batches[self.position % len(self.batches)]
             self.position += 1
             with autocast(self.precision, self.device):
-                loss = self.model(**batch).loss
+                loss = self.model(**batch, return_logits=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()

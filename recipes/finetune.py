@@ -145,7 +145,7 @@ def train(cfg: Config, accelerator, model, optimizer, scheduler, stream: BatchSt
             for _ in range(args.gradient_accumulation_steps):
                 batch = stream.next_batch(accelerator.device)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch, return_logits=False).loss
                     if injected_nonfinite(step + 1, attempts_at_step):
                         loss = loss * float("nan")
                     # sync point: all ranks agree whether this micro-batch is usable

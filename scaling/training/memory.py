@@ -71,7 +71,7 @@ class TensorMemoryTracker(TorchDispatchMode):
     `max_memory_allocated`): every op output's storage is counted until it is freed.
 
         with TensorMemoryTracker() as tracker:
-            model(**batch).loss.backward()
+            model(**batch, return_logits=False).loss.backward()
         tracker.peak   # bytes above what was alive before the block
     """
 

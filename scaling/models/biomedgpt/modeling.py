@@ -831,6 +831,10 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens (-100 ignored), in float32, with the configured smoothing."""
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100, label_smoothing=self.config.label_smoothing)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -850,8 +854,14 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        return_logits: bool = True,
     ) -> Seq2SeqLMOutput | tuple:
-        """Logits over the vocabulary for every decoder position; loss when `labels` (-100 = ignore) are given."""
+        """Logits over the vocabulary for every decoder position; loss when `labels` (-100 = ignore) are given.
+
+        `return_logits=False` (training) projects only the supervised positions and returns the loss without logits:
+        with the prompt in the decoder (prompt_type=prev_output) most positions carry no label, and the vocabulary
+        projection of every position would dominate the step.
+        """
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -873,15 +883,14 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.model.decoder.output_projection(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1),  # (B, T, V) -> (B * T, V)
-                labels.to(logits.device).flatten(),
-                ignore_index=-100,
-                label_smoothing=self.config.label_smoothing,
-            )
+        hidden, logits, loss = outputs.last_hidden_state, None, None
+        if labels is not None and not return_logits:
+            supervised = labels.to(hidden.device) != -100
+            loss = self.token_loss(self.model.decoder.output_projection(hidden[supervised]), labels.to(hidden.device)[supervised])
+        else:
+            logits = self.model.decoder.output_projection(hidden)
+            if labels is not None:
+                loss = self.token_loss(logits.flatten(0, 1), labels.to(logits.device).flatten())  # (B*T, V), (B*T,)
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,

@@ -241,6 +241,23 @@ def test_loss_ignores_minus_100_applies_label_smoothing_and_starts_decoder_with_
     assert torch.allclose(out.loss, expected, atol=1e-5)
 
 
+
+def test_loss_without_logits_projects_only_labelled_positions_with_the_same_loss_and_gradients(batch):
+    """prompt_type=prev_output: the prompt fills the decoder, only the answer is labelled."""
+    labels = torch.tensor([[-100, -100, 41, EOS], [-100, 51, EOS, -100], [-100, -100, -100, EOS]])
+    decoder_input_ids = torch.tensor([[BOS, 11, 12, 41], [BOS, 21, 51, PAD], [BOS, 31, 32, 33]])
+    losses, grads = [], []
+    for return_logits in (True, False):
+        model = build_model(label_smoothing=0.1).train()
+        out = model(**batch, decoder_input_ids=decoder_input_ids, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
 def random_prefix(config: BiomedGPTConfig, length: int, batch: int = 1, seed: int = 0) -> dict:
     """prefix_key_values with `length` random keys/values per layer, for encoder and decoder."""
     g = torch.Generator().manual_seed(seed)
