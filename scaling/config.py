@@ -113,8 +113,9 @@ class DataArgs:
     """Maximum encoder text tokens (longer prompts are truncated and counted)."""
     max_tgt_len: int = 32
     """Maximum target tokens."""
-    prompt_type: Literal["none", "prev_output"] = "none"
-    """prev_output: the decoder is prefixed with the prompt (BiomedGPT VQA); loss only on the answer."""
+    prompt_type: Literal["none", "prev_output"] = "prev_output"
+    """prev_output: the decoder is prefixed with the prompt (BiomedGPT VQA), so the answer position sees the
+    question; loss only on the answer. none: the decoder starts from <s> alone."""
     on_bad_record: Literal["skip", "error"] = "skip"
     """skip: drop bad records and report counts; error: stop at the first one, naming file, record and field."""
     num_workers: int = 2
@@ -143,9 +144,9 @@ class TrainArgs:
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
-    max_steps: int = 2500
+    max_steps: int = 2000
     """Optimizer steps to train for."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Micro-batch size per process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (global batch = batch_size × processes × this)."""
@@ -162,8 +163,9 @@ class TrainArgs:
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy (BiomedGPT used 0.1, as the size configs do; the embedded default learns
     its short answers faster without it)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast dtype; fp16 needs CUDA. Set it here or with `accelerate launch --mixed_precision`."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast dtype; fp16 needs CUDA, 'no' trains in float32. Set it here or with `accelerate launch
+    --mixed_precision`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     freeze_embeddings: bool = False

@@ -66,7 +66,7 @@ def worker(launch: str, out_dir: Path) -> None:
     from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
     from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
 
-    cfg = Config(train=TrainArgs(output_dir=str(out_dir), batch_size=2, max_grad_norm=1.0))
+    cfg = Config(train=TrainArgs(output_dir=str(out_dir), batch_size=2, max_grad_norm=1.0, mixed_precision="no"))
     accelerator = build_accelerator(cfg)
     fill_deepspeed_auto(accelerator, cfg)
     # Partition even the smallest tensors (adapters are tiny, below DeepSpeed's default persistence threshold): every

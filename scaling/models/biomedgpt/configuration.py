@@ -44,9 +44,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": _shape(12, 1024, 16, RESNET152),
     # ofa.py ofa_huge_architecture (24 encoder / 12 decoder layers); OFA README 930M; presumed BiomedGPT-XLarge.
     "xlarge": _shape(24, 1280, 16, RESNET152, decoder_layers=12),
-    # Not an OFA size: trains on a 2-core CPU in minutes (embedded default job, recipe tests).
+    # Not an OFA size: trains on a 2-core CPU in minutes (embedded default job, recipe tests). Trained from scratch,
+    # it needs a wider init than 0.02: otherwise the decoder's cross-attention locks onto fixed positions through the
+    # shared absolute-position bias and every yes/no answer stays at the prior.
     "mini": {
         **_shape(2, 128, 4, [1, 1, 1]),
+        "init_std": 0.08,
         "resnet_width": 16,
         "image_size": 64,
         "code_image_size": 64,

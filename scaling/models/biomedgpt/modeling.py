@@ -625,6 +625,12 @@ class BiomedGPTDecoder(nn.Module):
         x = self.embed(input_ids, inputs_embeds, code_masks)
         length = x.shape[1]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + length > self.embed_positions.num_embeddings:
+            raise ValueError(
+                f"decoder sequence of {past + length} tokens exceeds the {self.embed_positions.num_embeddings} "
+                "position embeddings; with the prompt in the decoder (prompt_type=prev_output) the prompt and the "
+                "answer share them: lower data.max_src_len or data.max_tgt_len / eval.max_new_tokens"
+            )
         key_positions = torch.arange(past + length, device=x.device)
         query_positions = key_positions[past:]
         positions = self.position_embeddings(key_positions, code_masks)  # (1 or B, past + T, d)

@@ -258,6 +258,13 @@ def test_loss_without_logits_projects_only_labelled_positions_with_the_same_loss
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+
+def test_decoder_longer_than_its_positions_is_refused_with_the_fix(model, batch):
+    too_long = torch.full((3, model.config.max_positions + 3), 41)
+    with pytest.raises(ValueError, match="lower data.max_src_len"):
+        model(**batch, decoder_input_ids=too_long)
+
+
 def random_prefix(config: BiomedGPTConfig, length: int, batch: int = 1, seed: int = 0) -> dict:
     """prefix_key_values with `length` random keys/values per layer, for encoder and decoder."""
     g = torch.Generator().manual_seed(seed)
