@@ -150,7 +150,7 @@ class TrainArgs:
     """Micro-batch size per process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (global batch = batch_size × processes × this)."""
-    lr: float = 3e-4
+    lr: float = 5e-4
     """Peak learning rate (the default suits the embedded mini model; the size configs set their own)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases, norms and embeddings-bias tables)."""
