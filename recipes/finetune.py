@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from scaling.config import Config, Runtime, parse_cli, save_config
@@ -240,26 +241,38 @@ def train_and_export(cfg: Config, accelerator, model, tokenizer, stream: BatchSt
     return model, step
 
 
-def main(argv: list[str] | None = None) -> None:
-    # 1. config: YAML + overrides, validated against the launch environment before any work
-    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
+def start_run(argv: list[str] | None, description: str) -> tuple[Config, Accelerator]:
+    """What every training recipe begins with: the config (YAML + overrides, validated against the launch environment
+    before any work), logging into the run directory, the Accelerator, the resolved config.yaml and the seed."""
+    cfg, config_path = parse_cli(argv, description)
     cfg.validate(Runtime.from_env(), source=config_path)
-    run_dir = Path(cfg.train.output_dir)
-    setup_logging(run_dir, cfg.logging.level)
-
-    # 2. processes, precision, trackers; seeds (identical weights on every rank, then per-rank data order)
-    accelerator = build_accelerator(cfg)
+    setup_logging(cfg.train.output_dir, cfg.logging.level)
+    accelerator = build_accelerator(cfg)  # processes, precision, trackers
     if accelerator.is_main_process:
-        save_config(cfg, run_dir)
-    set_seed(cfg.train.seed)
+        save_config(cfg, cfg.train.output_dir)
+    set_seed(cfg.train.seed)  # identical weights on every rank, then per-rank data order
+    return cfg, accelerator
 
-    # 3. data, tokenizer, model
-    sources = training_sources(cfg, accelerator)
+
+def load_data_and_model(cfg: Config, accelerator, tasks: tuple[str, ...] | None = None):
+    """Training sources (the synthetic data's `tasks` when none are configured), their train records, the tokenizer
+    and the model; the model and tokenizer info is written into the run directory."""
+    sources = training_sources(cfg, accelerator, tasks=tasks)
     train_records = load_split(sources, cfg.data, "train")
     tokenizer = build_tokenizer(cfg, accelerator, train_records)
     model = build_model(cfg, tokenizer)
     if accelerator.is_main_process:
-        save_run_model_info(run_dir, model.config, tokenizer)
+        save_run_model_info(Path(cfg.train.output_dir), model.config, tokenizer)
+    return sources, train_records, tokenizer, model
+
+
+def main(argv: list[str] | None = None) -> None:
+    # 1-2. config validated before any work, logging, processes, precision, trackers, seed
+    cfg, accelerator = start_run(argv, __doc__.splitlines()[0])
+    run_dir = Path(cfg.train.output_dir)
+
+    # 3. data, tokenizer, model
+    sources, train_records, tokenizer, model = load_data_and_model(cfg, accelerator)
     stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
                          accelerator.process_index, accelerator.num_processes)
 

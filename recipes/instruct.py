@@ -30,21 +30,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from accelerate.utils import set_seed
-from finetune import build_model, build_tokenizer, train_and_export  # recipes/ is on sys.path when run as a script
+from finetune import load_data_and_model, start_run, train_and_export  # recipes/ is on sys.path as a script
 
-from scaling.config import Config, Runtime, SourceArgs, parse_cli, save_config
+from scaling.config import Config, SourceArgs
 from scaling.data.instruct import CandidatePools, InstructionFormatter
 from scaling.data.records import Record
-from scaling.logging import get_logger, setup_logging
-from scaling.training.batches import BatchStream, load_split, training_sources
-from scaling.training.checkpoint import (
-    CheckpointError,
-    save_run_model_info,
-)
-from scaling.training.distributed import (
-    build_accelerator,
-)
+from scaling.logging import get_logger
+from scaling.training.batches import BatchStream, load_split
+from scaling.training.checkpoint import CheckpointError
 
 log = get_logger("recipes.instruct")
 
@@ -53,25 +46,12 @@ DEFAULT_TASKS = ("vqa",)
 
 
 def main(argv: list[str] | None = None) -> None:
-    # 1. config: YAML + overrides, validated against the launch environment before any work
-    cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
-    cfg.validate(Runtime.from_env(), source=config_path)
+    # 1-2. config validated before any work, logging, processes, precision, trackers, seed (recipes/finetune.py)
+    cfg, accelerator = start_run(argv, __doc__.splitlines()[0])
     run_dir = Path(cfg.train.output_dir)
-    setup_logging(run_dir, cfg.logging.level)
 
-    # 2. processes, precision, trackers; seeds (identical weights on every rank, then per-rank data order)
-    accelerator = build_accelerator(cfg)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir)
-    set_seed(cfg.train.seed)
-
-    # 3. data, tokenizer, model
-    sources = training_sources(cfg, accelerator, tasks=DEFAULT_TASKS)
-    train_records = load_split(sources, cfg.data, "train")
-    tokenizer = build_tokenizer(cfg, accelerator, train_records)
-    model = build_model(cfg, tokenizer)
-    if accelerator.is_main_process:
-        save_run_model_info(run_dir, model.config, tokenizer)
+    # 3. data, tokenizer, model; instruction formatting with answer options drawn from the training answers
+    sources, train_records, tokenizer, model = load_data_and_model(cfg, accelerator, tasks=DEFAULT_TASKS)
     formatter = InstructionFormatter(CandidatePools.from_records(r for recs in train_records.values() for r in recs),
                                      seed=cfg.train.seed)
     stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
