@@ -890,13 +890,14 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
             output_hidden_states=output_hidden_states,
         )
         hidden, logits, loss = outputs.last_hidden_state, None, None
+        labels = labels.to(hidden.device) if labels is not None else None
         if labels is not None and not return_logits:
-            supervised = labels.to(hidden.device) != -100
-            loss = self.token_loss(self.model.decoder.output_projection(hidden[supervised]), labels.to(hidden.device)[supervised])
+            supervised = labels != -100
+            loss = self.token_loss(self.model.decoder.output_projection(hidden[supervised]), labels[supervised])
         else:
             logits = self.model.decoder.output_projection(hidden)
             if labels is not None:
-                loss = self.token_loss(logits.flatten(0, 1), labels.to(logits.device).flatten())  # (B*T, V), (B*T,)
+                loss = self.token_loss(logits.flatten(0, 1), labels.flatten())  # (B*T, V), (B*T,)
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
