@@ -110,7 +110,7 @@ class Collator:
         self.truncated = {"prompt": 0, "target": 0}
 
     def __call__(self, items: Sequence[Sample | Record]) -> dict[str, Any]:
-        samples = [item if isinstance(item, Sample) else format_record(item, self.instruction) for item in items]
+        samples = self._samples(items)
         self.seen += len(samples)
         prompts = self._encode([s.prompt for s in samples], self.max_src_len - 2, "prompt")  # room for <s> </s>
         targets = self._encode([s.target for s in samples], self.max_tgt_len - 1, "target")  # room for </s>
@@ -128,6 +128,14 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                 "patch_masks": patch_masks, "decoder_input_ids": decoder_input_ids,
                 "decoder_attention_mask": decoder_attention_mask, "labels": labels, "ids": [s.id for s in samples]}
+
+    def prompt_lengths(self, items: Sequence[Sample | Record]) -> list[int]:
+        """Prompt tokens per item as a batch would hold them (after truncation); images are not read."""
+        encoded = self.tokenizer([s.prompt for s in self._samples(items)], add_special_tokens=False)["input_ids"]
+        return [min(len(ids), self.max_src_len - 2) for ids in encoded]
+
+    def _samples(self, items: Sequence[Sample | Record]) -> list[Sample]:
+        return [item if isinstance(item, Sample) else format_record(item, self.instruction) for item in items]
 
     def _encode(self, texts: list[str], limit: int, kind: str) -> list[list[int]]:
         """Token ids without special tokens, cut to `limit`; cuts are counted and reported."""

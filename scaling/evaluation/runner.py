@@ -69,11 +69,19 @@ def _fallback_without_candidates(decoding: Decoding, records: Sequence[Record], 
 
 
 def _index_loader(records: Sequence[Record], collator, batch_size: int) -> DataLoader:
-    """Batches of records collated for the model, each carrying the dataset positions of its samples."""
+    """Batches of records collated for the model, each carrying the dataset positions of its samples.
+
+    With the prompt in the decoder (prev_output) the records are batched in order of prompt length: decoding runs
+    once per prefix length within a batch, so a batch of mixed lengths would cost up to one call per sample.
+    """
+    order = list(range(len(records)))
+    if collator.prompt_type == "prev_output":
+        order.sort(key=collator.prompt_lengths(records).__getitem__)
+
     def collate(indices: list[int]) -> dict:
         return {**collator([records[i] for i in indices]), "index": torch.tensor(indices)}
 
-    return DataLoader(list(range(len(records))), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def _count_synchronizer(accelerator: Accelerator):

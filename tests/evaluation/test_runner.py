@@ -1,18 +1,24 @@
-"""Decoding choice per task, the no-candidate fallback, and putting gathered predictions back in order."""
+"""Decoding choice per task, the no-candidate fallback, length-ordered batches, and putting gathered predictions back
+in order."""
 
 import pytest
+import torch
+from accelerate import Accelerator
 
 from scaling.config import Config, EvalArgs
+from scaling.data.collate import Collator
 from scaling.data.records import Record
 from scaling.data.tasks import get_task
 from scaling.evaluation.runner import (
     _fallback_without_candidates,
     _in_dataset_order,
+    _index_loader,
     decoding_for,
     eval_collator,
     flat_metrics,
+    predict_records,
 )
-from scaling.models.biomedgpt import BiomedGPTConfig
+from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
 
 
@@ -68,3 +74,26 @@ def test_eval_collator_uses_instruction_prompts_when_configured():
     assert instructed["input_ids"].shape[1] > plain["input_ids"].shape[1]  # templates wrap the question
     again = eval_collator(tokenizer, cfg, model_config, records)(records)
     assert (again["input_ids"] == instructed["input_ids"]).all()  # deterministic prompts for evaluation
+
+
+def test_prev_output_batches_follow_prompt_length_and_predictions_keep_dataset_order():
+    questions = ["is there a lesion?", "is the lesion in the left lower lobe of the liver?", "what modality?"]
+    answers = ["yes", "no", "ct"]
+    tokenizer = train_bpe_tokenizer([*questions, *answers] * 10, vocab_size=300, num_codes=0, num_bins=0)
+    records = [Record(id=str(i), task="vqa", image=None, text={"question": questions[i % 3]}, target=answers[i % 3],
+                      candidates=answers) for i in range(12)]
+    torch.manual_seed(0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer))).eval()
+    collator = Collator(tokenizer, model.config.image_size, 64, 16, prompt_type="prev_output")
+
+    batches = [batch["index"].tolist() for batch in _index_loader(records, collator, batch_size=4)]
+    lengths = collator.prompt_lengths(records)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert [len({lengths[i] for i in b}) for b in batches] == [1, 1, 1]  # one prefix length, one decoding call each
+
+    task, decoding = get_task("vqa"), decoding_for(get_task("vqa"), EvalArgs(mode="constrained"))
+    predicted = predict_records(model, tokenizer, records, task, decoding, Accelerator(cpu=True), collator, 4,
+                                progress=False)
+    alone = [predict_records(model, tokenizer, [r], task, decoding, Accelerator(cpu=True), collator, 1,
+                             progress=False)[0] for r in records[:3]]
+    assert predicted == alone * 4
