@@ -7,7 +7,8 @@ Launch from the repository root (one process; the rows run one after another in 
         "peft.sweep=[T-T-T, F-LoRA-LoRA:4, T-T-LoRA:4]" train.max_steps=2000
 
 Each row (peft.sweep, MILE's ViT-JTM-Dec labels; empty = DEFAULT_GRID, the rows of MILE Tables 1-4) is trained with
-the fine-tuning recipe's loop on the VQA sources for train.max_steps steps, then scored on their test split. Written
+the fine-tuning recipe's loop on the VQA sources for train.max_steps steps, then scored on their test split. With
+peft.sweep_pretrain_steps every row starts from one model fully fine-tuned first on the other tasks' sources. Written
 to train.output_dir: peft_sweep.{md,csv,json} (ViT / JTM / Dec, rank, #Params %, memory, Opened, Closed, Global) and
 peft_sweep.png (accuracy against trainable %); per row rows/<label>/ holds its step log, adapter and eval report.
 Memory is the peak of the row's training: CUDA max allocated, or the process's peak RSS on CPU (which also holds
@@ -78,19 +79,41 @@ def with_run(cfg: Config, run_dir: Path, max_steps: int | None = None) -> Config
     return dataclasses.replace(cfg, train=train)
 
 
-def sweep_data(cfg: Config, accelerator) -> tuple[list, dict, list, dict, dict]:
-    """All training sources with their records (pretraining, tokenizer) and the VQA ones with train/test records."""
+@dataclasses.dataclass
+class SweepData:
+    """Records of every training source (the tokenizer's corpus), the VQA ones every row trains and is scored on, and
+    the others, on which the common starting model is pretrained."""
+
+    train_records: dict[str, list[Record]]
+    vqa_sources: list
+    vqa_train: dict[str, list[Record]]
+    vqa_test: dict[str, list[Record]]
+    pretrain_sources: list
+    pretrain_records: dict[str, list[Record]]
+
+
+def sweep_data(cfg: Config, accelerator) -> SweepData:
+    """Load every training source and split them into the VQA sources (rows) and the rest (pretraining).
+
+    Pretraining on the other tasks means the rows adapt a model that knows the images but not the VQA task, as MILE
+    adapted a pretrained MISS to VQA-RAD and SLAKE; with VQA sources only, pretraining uses them.
+    """
     sources = training_sources(cfg, accelerator)
     train_records = load_split(sources, cfg.data, "train")
-    keep = [i for i, records in enumerate(train_records.values()) if records and records[0].task == "vqa"]
-    if not keep:
+    is_vqa = [bool(records) and records[0].task == "vqa" for records in train_records.values()]
+    if not any(is_vqa):
         raise ValueError("the sweep scores VQA (MILE's Opened/Closed/Global): configure at least one VQA source")
-    vqa_sources = [sources[i] for i in keep]
-    vqa_train = {k: v for i, (k, v) in enumerate(train_records.items()) if i in keep}
+
+    def pick(vqa: bool) -> tuple[list, dict[str, list[Record]]]:
+        chosen = [i for i, flag in enumerate(is_vqa) if flag == vqa]
+        return [sources[i] for i in chosen], {k: v for i, (k, v) in enumerate(train_records.items()) if i in chosen}
+
+    vqa_sources, vqa_train = pick(True)
+    pretrain_sources, pretrain_records = pick(False) if not all(is_vqa) else (sources, train_records)
     vqa_test = load_split(vqa_sources, cfg.data, "test")
     if cfg.eval.max_samples:
         vqa_test = {k: v[: cfg.eval.max_samples] for k, v in vqa_test.items()}
-    return sources, train_records, vqa_sources, vqa_train, vqa_test
+    return SweepData(train_records, vqa_sources, vqa_train, vqa_test, pretrain_sources, pretrain_records)
 
 
 def fit(cfg: Config, tokenizer, sources, train_records: dict[str, list[Record]], label: str):
@@ -117,7 +140,7 @@ def fit(cfg: Config, tokenizer, sources, train_records: dict[str, list[Record]],
 
 
 def pretrain_base(cfg: Config, tokenizer, sources, train_records) -> Path:
-    """Full fine-tuning on every training source, saved as the checkpoint all rows start from."""
+    """Full fine-tuning on `sources`, saved as the checkpoint all rows start from."""
     run_dir = Path(cfg.train.output_dir) / "pretrain"
     base = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, vision="full", encoder="full", decoder="full",
                                                              quantize="none", sweep=[]))
@@ -237,17 +260,19 @@ def main(argv: list[str] | None = None) -> None:
     # 2. data and tokenizer once, shared by all rows; optionally the common starting model
     accelerator = build_accelerator(cfg)
     set_seed(cfg.train.seed)
-    sources, train_records, vqa_sources, vqa_train, vqa_test = sweep_data(cfg, accelerator)
-    tokenizer = build_tokenizer(cfg, accelerator, train_records)
+    data = sweep_data(cfg, accelerator)
+    tokenizer = build_tokenizer(cfg, accelerator, data.train_records)
     if base_dir:
-        log.info("pretraining the common starting model: %d steps on every source", cfg.peft.sweep_pretrain_steps)
-        pretrain_base(cfg, tokenizer, sources, train_records)
+        log.info("pretraining the common starting model: %d steps on %s", cfg.peft.sweep_pretrain_steps,
+                 ", ".join(data.pretrain_records))
+        pretrain_base(cfg, tokenizer, data.pretrain_sources, data.pretrain_records)
 
     # 3. the rows, one after another; the table is rewritten after each so a long sweep can be read while it runs
     table = []
     for label, row_cfg in rows:
         log.info("row %s", label)
-        table.append({"label": label, **run_row(label, row_cfg, tokenizer, vqa_sources, vqa_train, vqa_test)})
+        table.append({"label": label, **run_row(label, row_cfg, tokenizer, data.vqa_sources, data.vqa_train,
+                                                 data.vqa_test)})
         if accelerator.is_main_process:
             paths = write_table(table, out_dir)
     if accelerator.is_main_process:

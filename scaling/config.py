@@ -258,8 +258,9 @@ class PeftArgs:
     `:rank` and `@nf4`/`@int8`, e.g. [T-T-T, F-LoRA-LoRA:4, T-IA3-IA3, F-F-PTv2, F-LoRA-LoRA:8@nf4]; empty: the
     recipe's default grid (MILE Tables 1-4)."""
     sweep_pretrain_steps: int = 0
-    """Sweep only: full fine-tuning steps on every training source before the rows, which then all start from that
-    model (a stand-in for a pretrained checkpoint, as MILE adapted a pretrained MISS); 0: model.checkpoint/preset."""
+    """Sweep only: full fine-tuning steps on the training sources other than VQA (all of them if VQA is the only
+    task) before the rows, which then all start from that model and learn VQA (a stand-in for a pretrained
+    checkpoint, as MILE adapted a pretrained MISS); 0: model.checkpoint/preset."""
 
     @property
     def enabled(self) -> bool:

@@ -91,6 +91,18 @@ def test_questions_cover_open_and_closed_and_do_not_reveal_the_open_answer():
     assert 0.4 < yes / (yes + no) < 0.7
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_yes_no_questions_naming_a_value_come_as_a_true_and_a_false_pair(seed):
+    rng = np.random.default_rng(seed)
+    scene = Scene("mri", "coronal", "brain", 2, "small", "upper")
+    items = questions(scene, rng)
+    for kind, truth in [("Modality", "MRI"), ("Plane", "coronal"), ("Organ", "brain"), ("Position", "upper"),
+                        ("Size", "small")]:
+        pair = [qa for qa in items if qa.content_type == kind and qa.answer in ("yes", "no")]
+        assert sorted(qa.answer for qa in pair) == ["no", "yes"], kind
+        assert [truth in qa.question for qa in pair] == [qa.answer == "yes" for qa in pair], kind
+
+
 def test_answers_can_be_read_off_the_pixels():
     """Lesions are where the scene says: the rim/core contrast shows at each lesion centre, not elsewhere."""
     size = 96
