@@ -144,7 +144,7 @@ class TrainArgs:
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
-    max_steps: int = 2400
+    max_steps: int = 2200
     """Optimizer steps to train for."""
     batch_size: int = 32
     """Micro-batch size per process."""
