@@ -112,7 +112,7 @@ class Collator:
     def __call__(self, items: Sequence[Sample | Record]) -> dict[str, Any]:
         samples = self._samples(items)
         self.seen += len(samples)
-        prompts = self._encode([s.prompt for s in samples], self.max_src_len - 2, "prompt")  # room for <s> </s>
+        prompts = self._encode([s.prompt for s in samples], self.max_prompt_tokens, "prompt")
         targets = self._encode([s.target for s in samples], self.max_tgt_len - 1, "target")  # room for </s>
         sources = [[self.bos, *p, self.eos] for p in prompts]
         if self.prompt_type == "prev_output":
@@ -129,10 +129,14 @@ class Collator:
                 "patch_masks": patch_masks, "decoder_input_ids": decoder_input_ids,
                 "decoder_attention_mask": decoder_attention_mask, "labels": labels, "ids": [s.id for s in samples]}
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.max_src_len - 2  # room for <s> </s>
+
     def prompt_lengths(self, items: Sequence[Sample | Record]) -> list[int]:
         """Prompt tokens per item as a batch would hold them (after truncation); images are not read."""
         encoded = self.tokenizer([s.prompt for s in self._samples(items)], add_special_tokens=False)["input_ids"]
-        return [min(len(ids), self.max_src_len - 2) for ids in encoded]
+        return [min(len(ids), self.max_prompt_tokens) for ids in encoded]
 
     def _samples(self, items: Sequence[Sample | Record]) -> list[Sample]:
         return [item if isinstance(item, Sample) else format_record(item, self.instruction) for item in items]
