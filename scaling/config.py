@@ -119,7 +119,8 @@ class DataArgs:
     on_bad_record: Literal["skip", "error"] = "skip"
     """skip: drop bad records and report counts; error: stop at the first one, naming file, record and field."""
     num_workers: int = 2
-    """DataLoader worker processes (0 loads in the training process)."""
+    """Threads that decode and augment the next training batches' images while the model trains (0: in the training
+    loop). The batches, and a resumed run's, are the same for any value."""
     cache_dir: str = ".cache/scaling"
     """Where generated data and dataset caches live."""
 
@@ -144,7 +145,7 @@ class TrainArgs:
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
-    max_steps: int = 2200
+    max_steps: int = 2000
     """Optimizer steps to train for."""
     batch_size: int = 32
     """Micro-batch size per process."""

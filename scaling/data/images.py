@@ -134,21 +134,23 @@ class ImageTransform:
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self.rng = random.Random(seed)
 
-    def __call__(self, image: Image.Image | ImageRef) -> torch.Tensor:
+    def __call__(self, image: Image.Image | ImageRef, rng: random.Random | None = None) -> torch.Tensor:
+        """`rng` draws this image's augmentation (default: the transform's own stream)."""
         image = load_image(image, self.max_pixels)
         if self.train:
-            image = self.augment(image)
+            image = self.augment(image, rng or self.rng)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (H, W, 3) -> (3, H, W)
         return torch.from_numpy((pixels - self.mean) / self.std)
 
-    def augment(self, image: Image.Image) -> Image.Image:
+    @staticmethod
+    def augment(image: Image.Image, rng: random.Random) -> Image.Image:
         """A random crop of 80-100% of the area, a rotation within ±10°, brightness and contrast within ±10%."""
         width, height = image.size
-        scale = self.rng.uniform(0.8, 1.0) ** 0.5
+        scale = rng.uniform(0.8, 1.0) ** 0.5
         crop_w, crop_h = max(1, round(width * scale)), max(1, round(height * scale))
-        left, top = self.rng.randint(0, width - crop_w), self.rng.randint(0, height - crop_h)
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
         image = image.crop((left, top, left + crop_w, top + crop_h))
-        image = image.rotate(self.rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
-        image = ImageEnhance.Brightness(image).enhance(self.rng.uniform(0.9, 1.1))
-        return ImageEnhance.Contrast(image).enhance(self.rng.uniform(0.9, 1.1))
+        image = image.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
+        return ImageEnhance.Contrast(image).enhance(rng.uniform(0.9, 1.1))

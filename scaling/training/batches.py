@@ -5,12 +5,17 @@
     stream = BatchStream(records, sources, cfg, tokenizer, image_size, rank, world_size)
     batch = stream.next_batch(device)                    # the model's forward kwargs
 
-The stream's whole position is the mixture's state: `state_dict()` goes into every checkpoint, so a resumed run draws
-exactly the batches the uninterrupted run would have drawn.
+The stream's whole position is the mixture's state and the augmentation seed stream, as of the last batch handed
+out: `state_dict()` goes into every checkpoint, so a resumed run draws exactly the batches the uninterrupted run would
+have drawn.
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,7 +81,12 @@ def tokenizer_corpus(records: dict[str, list[Record]]) -> list[str]:
 
 class BatchStream:
     """This rank's endless stream of micro-batches: a seeded mixture of the sources, augmented images, optional
-    instruction formatting. Its state (mixture position, augmentation RNG) is all a resumed run needs."""
+    instruction formatting. Its state (mixture position, augmentation seeds) is all a resumed run needs.
+
+    Batches are planned in order in the training process (records, prompts, one augmentation seed per image), so
+    the stream is the same for any `data.num_workers`; with workers, threads decode and augment the images of the
+    next batches while the model trains on the current one (PIL releases the GIL while it works).
+    """
 
     def __init__(self, records: dict[str, list[Record]], sources: list[SourceArgs], cfg: Config, tokenizer,
                  image_size: int, rank: int, world_size: int, instruction=None):
@@ -86,25 +96,64 @@ class BatchStream:
 
         self.mixture = Mixture(records, [s.weight for s in sources], cfg.data.temperature, cfg.train.seed,
                                rank=rank, world_size=world_size, batch_size=cfg.train.batch_size)
-        self.transform = ImageTransform(image_size, train=True, seed=cfg.train.seed * 1000 + rank)
+        self.transform = ImageTransform(image_size, train=True)
+        self.seeds = random.Random(cfg.train.seed * 1000 + rank)  # one augmentation seed per image, in order
         self.collator = Collator(tokenizer, image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
                                  cfg.data.prompt_type, transform=self.transform)
         self.instruction = instruction
         self.batch_size = cfg.train.batch_size
+        self.workers = ThreadPoolExecutor(cfg.data.num_workers) if cfg.data.num_workers else None
+        self.lookahead = 2 * cfg.data.num_workers  # batches in flight
+        self.pending: deque[PlannedBatch] = deque()
+        self.consumed_state = self._position()
 
     def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
+        while len(self.pending) <= self.lookahead:
+            self.pending.append(self._plan())
+        planned = self.pending.popleft()
+        for sample, image in zip(planned.samples, planned.images, strict=True):
+            sample.image = image.result() if isinstance(image, Future) else image
+        self.consumed_state = planned.state_after
+        batch = self.collator(planned.samples)
+        return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+
+    def _plan(self) -> PlannedBatch:
+        """The next batch's samples, and its images being transformed (by a worker thread, or here)."""
         from scaling.data.collate import format_record
 
         epoch = self.mixture.state_dict()["epoch"]  # instruction templates and options are re-drawn every epoch
         samples = [format_record(self.mixture.next(), self.instruction, epoch) for _ in range(self.batch_size)]
-        batch = self.collator(samples)
-        return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        images = [self._transform(s.image, self.seeds.getrandbits(64)) if s.image is not None else None
+                  for s in samples]
+        return PlannedBatch(samples, images, self._position())
 
-    def state_dict(self) -> dict:
-        version, internal, gauss = self.transform.rng.getstate()
+    def _transform(self, image, seed: int):
+        if self.workers is None:
+            return self.transform(image, random.Random(seed))
+        return self.workers.submit(self.transform, image, random.Random(seed))
+
+    def _position(self) -> dict:
+        version, internal, gauss = self.seeds.getstate()
         return {"mixture": self.mixture.state_dict(), "augment_rng": [version, list(internal), gauss]}
 
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out (planned-ahead batches are drawn again on resume)."""
+        return self.consumed_state
+
     def load_state_dict(self, state: dict) -> None:
+        for planned in self.pending:
+            for image in planned.images:
+                if isinstance(image, Future):
+                    image.cancel()
+        self.pending.clear()
         self.mixture.load_state_dict(state["mixture"])
         version, internal, gauss = state["augment_rng"]
-        self.transform.rng.setstate((version, tuple(internal), gauss))
+        self.seeds.setstate((version, tuple(internal), gauss))
+        self.consumed_state = self._position()
+
+
+@dataclass
+class PlannedBatch:
+    samples: list
+    images: list  # per sample: a transformed tensor, a Future of one, or None
+    state_after: dict
