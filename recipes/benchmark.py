@@ -15,8 +15,8 @@ What is measured (`--out`/benchmark.json, benchmark.md):
     overhead is the ratio of the two step times;
   * MFU: FLOPs of one forward+backward counted by torch's FlopCounterMode / step time / the dense matmul throughput
     of the same dtype measured on the same device in the same run;
-  * data loader: the real Collator (tokenize, image decode + augment, pad) over synthetic records in DataLoader
-    workers with prefetch, in samples/s, against what one training step consumes;
+  * data loader: the recipes' BatchStream (mixture, image decode + augment in `--workers` threads, tokenize, pad)
+    over synthetic records, in samples/s, against what one training step consumes;
   * generation: greedy decoding of `--new-tokens` tokens with and without the KV cache, and a batch of
     `--gen-batch` prompts against the same prompts one by one;
   * peak memory: CUDA max allocated, or the process's peak RSS on CPU.
@@ -36,7 +36,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.config import load_config
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=16, help="prompts generated together (and one by one)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--loader-batches", type=int, default=12, help="batches drawn to time the data loader")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=2, help="image threads of the batch stream (data.num_workers)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (default: torch's, or 1 when the load average exceeds the core count: "
                         "on an oversubscribed CPU OpenMP barrier stalls otherwise dominate small ops)")
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(step_metrics(results, min(toolkit_times), min(bare_times), args))
     results["step_times_s"] = {"toolkit": toolkit_times, "bare": bare_times}
 
-    # 5. data loader alone: real Collator + synthetic records, workers + prefetch (and in-process for reference)
+    # 5. data loader alone: the recipes' batch stream over synthetic records, with and without image threads
     if "loader" not in args.skip:
         log.info("timing the data loader")
         results.update(loader_throughput(args, model.config.image_size, results["samples_per_s"]))
@@ -335,42 +334,39 @@ def step_metrics(results: dict, toolkit_s: float, bare_s: float, args: argparse.
 
 
 def loader_throughput(args: argparse.Namespace, image_size: int, step_samples_per_s: float) -> dict:
-    """Samples/s of the real Collator over synthetic records: in DataLoader workers with prefetch, and in-process."""
+    """Samples/s of the recipes' BatchStream over synthetic records (mixture, image decode + augment, tokenize, pad):
+    with `--workers` image threads, and with the images transformed in the calling thread."""
     from scaling.config import SourceArgs
-    from scaling.data.collate import Collator
-    from scaling.data.images import ImageTransform
-    from scaling.data.mixture import Mixture
     from scaling.data.synthetic import generate_synthetic
     from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
-    from scaling.training.batches import load_split, tokenizer_corpus
+    from scaling.training.batches import BatchStream, load_split, tokenizer_corpus
 
-    cfg = load_config(None, [])
     # The fixed benchmark shape truncates prompts on purpose; the Collator's truncation warnings are noise here.
     logging.getLogger("scaling.data.collate").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         data = generate_synthetic(Path(tmp) / "synthetic", n_images=48, seed=0, image_size=image_size)
         sources = [SourceArgs(name=s.loader, path=str(s.path), options=dict(s.options)) for s in data.sources.values()]
-        records = load_split(sources, cfg.data, "train")
+        records = load_split(sources, load_config(None, []).data, "train")
         tokenizer = train_bpe_tokenizer(tokenizer_corpus(records))
-        mixture = Mixture(records, [1.0] * len(records), batch_size=args.batch)
-        collator = Collator(tokenizer, image_size, args.src_len, args.tgt_len,
-                            transform=ImageTransform(image_size, train=True, seed=0))
-        workers = samples_per_s(DataLoader(mixture, batch_size=args.batch, collate_fn=collator,
-                                           num_workers=args.workers, prefetch_factor=4 if args.workers else None,
-                                           persistent_workers=args.workers > 0), args.loader_batches, args.batch)
-        in_process = samples_per_s(DataLoader(mixture, batch_size=args.batch, collate_fn=collator),
-                                   args.loader_batches, args.batch)
-    return {"loader_samples_per_s": workers, "loader_in_process_samples_per_s": in_process,
-            "loader_workers": args.workers, "loader_vs_step": workers / step_samples_per_s}
+
+        def stream(workers: int) -> BatchStream:
+            cfg = load_config(None, [f"data.num_workers={workers}", f"train.batch_size={args.batch}",
+                                     f"data.max_src_len={args.src_len}", f"data.max_tgt_len={args.tgt_len}"])
+            return BatchStream(records, sources, cfg, tokenizer, image_size, rank=0, world_size=1)
+
+        threaded = samples_per_s(stream(args.workers), args.loader_batches, args.batch)
+        in_process = samples_per_s(stream(0), args.loader_batches, args.batch)
+    return {"loader_samples_per_s": threaded, "loader_in_process_samples_per_s": in_process,
+            "loader_workers": args.workers, "loader_vs_step": threaded / step_samples_per_s}
 
 
-def samples_per_s(loader: DataLoader, batches: int, batch_size: int) -> float:
-    """Samples/s over `batches` batches after the first (worker start-up excluded)."""
-    iterator = iter(loader)
-    next(iterator)
+def samples_per_s(stream, batches: int, batch_size: int) -> float:
+    """Samples/s over `batches` batches after the first (thread start-up excluded)."""
+    cpu = torch.device("cpu")
+    stream.next_batch(cpu)
     start = time.perf_counter()
     for _ in range(batches):
-        next(iterator)
+        stream.next_batch(cpu)
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -443,9 +439,9 @@ def markdown_table(r: dict) -> str:
     ]
     if "loader_samples_per_s" in r:
         rows += [
-            (f"data loader ({r['loader_workers']} workers, prefetch 4)", f"{r['loader_samples_per_s']:.1f} samples/s",
+            (f"data loader ({r['loader_workers']} image threads)", f"{r['loader_samples_per_s']:.1f} samples/s",
              ""),
-            ("data loader in-process", f"{r['loader_in_process_samples_per_s']:.1f} samples/s", ""),
+            ("data loader, images in the calling thread", f"{r['loader_in_process_samples_per_s']:.1f} samples/s", ""),
             ("data loader / step consumption", f"{r['loader_vs_step']:.1f}x", target("loader_vs_step", r)),
         ]
     if "kv_cache_speedup" in r:
