@@ -362,13 +362,15 @@ def loader_throughput(args: argparse.Namespace, image_size: int, step_samples_pe
 
 
 def samples_per_s(stream, batches: int, batch_size: int) -> float:
-    """Samples/s over `batches` batches after the first (thread start-up excluded)."""
+    """Samples/s over `batches` batches after the first (thread start-up excluded); the stream is closed after."""
     cpu = torch.device("cpu")
     stream.next_batch(cpu)
     start = time.perf_counter()
     for _ in range(batches):
         stream.next_batch(cpu)
-    return batches * batch_size / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    stream.close()
+    return batches * batch_size / elapsed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

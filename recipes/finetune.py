@@ -229,6 +229,7 @@ def train_and_export(cfg: Config, accelerator, model, tokenizer, stream: BatchSt
 
     # 6. train, then the final checkpoint
     step = train(cfg, accelerator, model, optimizer, scheduler, stream, start_step, ema)
+    stream.close()
     if step % cfg.train.save_every:
         save_checkpoint(accelerator, run_dir, step, {"data": stream.state_dict()}, cfg.train.keep_last, ema)
 

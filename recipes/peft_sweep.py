@@ -134,6 +134,7 @@ def fit(cfg: Config, tokenizer, sources, train_records: dict[str, list[Record]],
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.init_trackers(label)
     train(cfg, accelerator, model, optimizer, scheduler, stream, 0, None)
+    stream.close()
     memory = peak_memory(accelerator.device)
     accelerator.free_memory(optimizer, scheduler)
     return model, accelerator, counts, memory

@@ -141,15 +141,24 @@ class BatchStream:
         return self.consumed_state
 
     def load_state_dict(self, state: dict) -> None:
+        self._drop_pending()
+        self.mixture.load_state_dict(state["mixture"])
+        version, internal, gauss = state["augment_rng"]
+        self.seeds.setstate((version, tuple(internal), gauss))
+        self.consumed_state = self._position()
+
+    def close(self) -> None:
+        """Drop the planned-ahead batches and stop the image threads (the stream is done)."""
+        self._drop_pending()
+        if self.workers is not None:
+            self.workers.shutdown(wait=True)
+
+    def _drop_pending(self) -> None:
         for planned in self.pending:
             for image in planned.images:
                 if isinstance(image, Future):
                     image.cancel()
         self.pending.clear()
-        self.mixture.load_state_dict(state["mixture"])
-        version, internal, gauss = state["augment_rng"]
-        self.seeds.setstate((version, tuple(internal), gauss))
-        self.consumed_state = self._position()
 
 
 @dataclass

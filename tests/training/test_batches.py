@@ -61,3 +61,13 @@ def test_a_stream_restored_from_the_consumed_position_continues_exactly(records,
     first.load_state_dict(first.state_dict())  # dropping the planned batches of a running stream also works
     assert_same(draw(first, 4), reference[3:])
 
+
+
+def test_closing_a_stream_stops_its_threads_and_keeps_the_consumed_position(records):
+    stream = make_stream(records, 2)
+    draw(stream, 2)
+    position = stream.state_dict()
+    stream.close()
+    assert not stream.pending and stream.state_dict() == position
+    with pytest.raises(RuntimeError):  # the executor is shut down
+        stream.workers.submit(int)
