@@ -78,7 +78,7 @@ class BiomedGPTConfig(PretrainedConfig):
     """Configuration of the OFA encoder-decoder used by BiomedGPT (HF-port field names where they exist)."""
 
     model_type = "biomedgpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     attribute_map = {
         "hidden_size": "d_model",
         "num_attention_heads": "decoder_attention_heads",

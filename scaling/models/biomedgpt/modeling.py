@@ -56,6 +56,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import BiomedGPTConfig
 from .resnet import DropPath, ResNet, linear_rates
@@ -187,14 +188,14 @@ class BiomedGPTAttention(nn.Module):
         hidden_states: torch.Tensor,
         attn_bias: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, d) -> (B, T, d); `attn_bias` (B or 1, H, T, S) already holds positions and masks."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,T,hd)
-        k, v = self._keys_values(hidden_states if key_value_states is None else key_value_states, past_key_values)
+        k, v = self._keys_values(hidden_states if key_value_states is None else key_value_states, cache)
         if prefix is not None:
             # Prefix keys: always visible, no position bias (OFA prompt_kv semantics).
             prefix_k, prefix_v = (match_batch(t, batch).to(k.dtype) for t in prefix)
@@ -219,21 +220,21 @@ class BiomedGPTAttention(nn.Module):
         shape = (states.shape[0], states.shape[1], self.num_heads, self.head_dim)
         return self.k_proj(states).view(shape).transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
 
-    def _keys_values(self, states: torch.Tensor, past_key_values: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keys_values(self, states: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of this step, appended to (self) or read once from (cross) the cache."""
-        if past_key_values is None:
+        if cache is None:
             return self._project(states)
-        if isinstance(past_key_values, EncoderDecoderCache):
+        if isinstance(cache, EncoderDecoderCache):
             if self.is_cross_attention:
-                cache = past_key_values.cross_attention_cache
-                if past_key_values.is_updated.get(self.layer_idx):
-                    return cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
-                past_key_values.is_updated[self.layer_idx] = True
-                return cache.update(*self._project(states), self.layer_idx)
-            past_key_values = past_key_values.self_attention_cache
+                cross = cache.cross_attention_cache
+                if cache.is_updated.get(self.layer_idx):
+                    return cross.layers[self.layer_idx].keys, cross.layers[self.layer_idx].values
+                cache.is_updated[self.layer_idx] = True
+                return cross.update(*self._project(states), self.layer_idx)
+            cache = cache.self_attention_cache
         if self.is_cross_attention:  # a plain self-attention cache: encoder keys are recomputed every step
             return self._project(states)
-        return past_key_values.update(*self._project(states), self.layer_idx)
+        return cache.update(*self._project(states), self.layer_idx)
 
 
 class BiomedGPTBlock(GradientCheckpointingLayer):
@@ -302,7 +303,7 @@ class BiomedGPTDecoderLayer(BiomedGPTBlock):
         self_bias,
         encoder_hidden_states,
         cross_bias,
-        past_key_values=None,
+        cache=None,
         prefix=None,
         output_attentions=False,
     ):
@@ -310,7 +311,7 @@ class BiomedGPTDecoderLayer(BiomedGPTBlock):
         h, self_weights = self.self_attn(
             self.self_attn_layer_norm(hidden_states),
             self_bias,
-            past_key_values=past_key_values,
+            cache=cache,
             prefix=prefix,
             output_attentions=output_attentions,
         )
@@ -319,7 +320,7 @@ class BiomedGPTDecoderLayer(BiomedGPTBlock):
             self.cross_attn_layer_norm(hidden_states),
             cross_bias,
             key_value_states=encoder_hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             output_attentions=output_attentions,
         )
         hidden_states = self.residual(hidden_states, self.cross_attn_mid_layer_norm(h))
@@ -350,7 +351,7 @@ class BiomedGPTPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BiomedGPTEncoderLayer", "BiomedGPTDecoderLayer", "ResNet"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -529,7 +530,7 @@ class BiomedGPTDecoderOutput(ModelOutput):
     """Decoder hidden states (before the output projection) and the cache."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
@@ -614,17 +615,17 @@ class BiomedGPTDecoder(nn.Module):
         input_ids: torch.LongTensor | None,
         encoder_outputs: BiomedGPTEncoderOutput,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         prefix_key_values: dict | None = None,
         code_masks: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> BiomedGPTDecoderOutput:
-        """Decode the new tokens (B, T) given `past_key_values` of the earlier ones."""
+        """Decode the new tokens (B, T) given `cache` of the earlier ones."""
         x = self.embed(input_ids, inputs_embeds, code_masks)
         length = x.shape[1]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if past + length > self.embed_positions.num_embeddings:
             raise ValueError(
                 f"decoder sequence of {past + length} tokens exceeds the {self.embed_positions.num_embeddings} "
@@ -666,7 +667,7 @@ class BiomedGPTDecoder(nn.Module):
                 bias,
                 encoder_outputs.last_hidden_state,
                 cross_bias,
-                past_key_values=past_key_values,
+                cache=cache,
                 prefix=prefixes[i],
                 output_attentions=output_attentions,
             )
@@ -677,7 +678,7 @@ class BiomedGPTDecoder(nn.Module):
                 cross_attentions += (cross_weights,)
         return BiomedGPTDecoderOutput(
             last_hidden_state=self.layer_norm(x),
-            past_key_values=past_key_values,
+            cache=cache,
             hidden_states=hidden_states,
             attentions=attentions,
             cross_attentions=cross_attentions,
@@ -733,6 +734,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
     def get_decoder(self) -> BiomedGPTDecoder:
         return self.decoder
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")  # transformers >= 5.24 names the cache `cache`
     def forward(
         self,
         input_ids=None,
@@ -742,7 +744,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
         decoder_input_ids=None,
         decoder_attention_mask=None,
         encoder_outputs=None,
-        past_key_values=None,
+        cache=None,
         use_cache=None,
         inputs_embeds=None,
         decoder_inputs_embeds=None,
@@ -767,15 +769,15 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
                 output_hidden_states=output_hidden_states,
             )
         encoder_outputs = as_encoder_output(encoder_outputs)
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         if not use_cache:
-            past_key_values = None
+            cache = None
         decoder_outputs = self.decoder(
             decoder_input_ids,
             encoder_outputs,
             decoder_attention_mask,
-            past_key_values,
+            cache,
             decoder_inputs_embeds,
             prefix_key_values,
             code_masks,
@@ -784,7 +786,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -841,6 +843,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         """Mean cross-entropy over the labelled tokens (-100 ignored), in float32, with the configured smoothing."""
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, label_smoothing=self.config.label_smoothing)
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")  # transformers >= 5.24 names the cache `cache`
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -851,7 +854,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         encoder_outputs: BiomedGPTEncoderOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
@@ -880,7 +883,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
@@ -901,7 +904,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,

@@ -128,10 +128,10 @@ def test_incremental_decoding_equals_full_forward(model, batch):
             out = model(
                 encoder_outputs=encoder_outputs,
                 decoder_input_ids=DECODER_INPUT[:, t : t + 1],
-                past_key_values=past,
+                cache=past,
                 use_cache=True,
             )
-            past = out.past_key_values
+            past = out.cache
             steps.append(out.logits)
         if cache is None:
             assert isinstance(past, EncoderDecoderCache)
@@ -150,11 +150,11 @@ def test_image_code_targets_use_their_own_positions_per_sample_and_cache_consist
         out = model(
             encoder_outputs=encoder_outputs,
             decoder_input_ids=DECODER_INPUT[:, t : t + 1],
-            past_key_values=past,
+            cache=past,
             code_masks=code_masks,
             use_cache=True,
         )
-        past = out.past_key_values
+        past = out.cache
         steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
 
