@@ -11,6 +11,11 @@ The fairseq dictionary order is baked into the BPE vocabulary itself, so the fas
 directly and `save_pretrained` writes an ordinary `tokenizer.json`. Text is not given an automatic prefix space:
 BiomedGPT prompts and targets carry their own leading space (`" what does the image describe?"`), and
 `tokenizer(text)` returns `<s> … </s>`, the encoder input layout.
+
+<mask>, <code_i> and <bin_i> absorb the whitespace before them: OFA never runs them through BPE but joins them to
+the BPE ids of the surrounding text with spaces that `Dictionary.encode_line` splits on, so `" region: <bin_3>
+<bin_7>"` is the ids of `" region:"` followed by two bin ids, without a space token (the OFA HF port strips that
+space as well). The whitespace after them stays, as in OFA's detection targets (`<bin_..> x4` then `" dog"`).
 """
 
 import json
@@ -116,6 +121,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         directory = directory.parent
     if (directory / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True, **_special_kwargs())
+        # files written before these tokens absorbed the space before them encode " <bin_3>" with a space token
+        vocab = tokenizer.get_vocab()
+        families = sorted((t for t in vocab if FAMILY_TOKEN.fullmatch(t)), key=vocab.__getitem__)
+        register_symbol_tokens(tokenizer.backend_tokenizer, families)
     elif all((directory / name).is_file() for name in HF_BPE_FILES):
         vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
         # BART/HF-port vocab.json stops at <mask>; ours (save_tokenizer) already lists its code/bin tokens
@@ -157,13 +166,19 @@ def _byte_level_bpe(
     backend.post_processor = processors.RobertaProcessing(
         (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=True, add_prefix_space=False
     )
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, MASK)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     listed = sorted((t for t in vocab if FAMILY_TOKEN.fullmatch(t)), key=vocab.__getitem__)
     appended = [code_token(i) for i in range(num_codes)] + [bin_token(i) for i in range(num_bins)]
-    # codes and bins are ordinary (non-special) added tokens, so decoding keeps them, as in the OFA HF port; listed
-    # ones keep their vocab ids, and registering them lets the text "<bin_3>" match before byte-level splitting
-    backend.add_tokens([AddedToken(t, normalized=False) for t in listed + appended])
+    # listed codes/bins keep their vocab ids; registering them lets the text "<bin_3>" match before byte-level splitting
+    register_symbol_tokens(backend, listed + appended)
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=MODEL_MAX_LENGTH, **_special_kwargs())
+
+
+def register_symbol_tokens(backend: Tokenizer, family_tokens: list[str]) -> None:
+    """Add <mask> (special) and the <code_i>/<bin_i> tokens so that each absorbs the whitespace before it."""
+    backend.add_special_tokens([AddedToken(MASK, special=True, lstrip=True, normalized=False)])
+    # codes and bins are ordinary (non-special) added tokens, so decoding keeps them, as in the OFA HF port
+    backend.add_tokens([AddedToken(t, lstrip=True, normalized=False) for t in family_tokens])
 
 
 def _special_kwargs() -> dict[str, str]:

@@ -83,15 +83,91 @@ def reference_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return parts
 
 
-def reference_fairseq_ids(text: str) -> list[int]:
-    """Encode text the fairseq/OFA way: GPT-2 BPE ids as strings, looked up in dict.txt (offset 4)."""
-    encoder, ranks, fairseq_id = reference_tables()
+def reference_bpe_ids(text: str, encoder: dict[str, int], ranks: dict[tuple[str, str], int]) -> list[int]:
+    """GPT-2 byte-level BPE of `text` (fairseq gpt2_bpe_utils.Encoder.encode): ids of `encoder`."""
     to_unicode = byte_to_unicode()
     ids = []
     for piece in GPT2_PATTERN.findall(text):
         word = "".join(to_unicode[b] for b in piece.encode("utf-8"))
-        ids += [fairseq_id[encoder[token]] for token in reference_bpe(word, ranks)]
+        ids += [encoder[token] for token in reference_bpe(word, ranks)]
     return ids
+
+
+def reference_fairseq_ids(text: str) -> list[int]:
+    """Encode text the fairseq/OFA way: GPT-2 BPE ids as strings, looked up in dict.txt (offset 4)."""
+    encoder, ranks, fairseq_id = reference_tables()
+    return [fairseq_id[gpt2_id] for gpt2_id in reference_bpe_ids(text, encoder, ranks)]
+
+
+# --- OFA's composition of BPE text and symbols (data/ofa_dataset.py encode_text, tasks/ofa_task.py) ---
+
+
+@lru_cache(maxsize=1)
+def ofa_dictionary() -> dict[str, int]:
+    """OFA's task dictionary: 4 specials, the dict.txt symbols, <mask>, <code_0..8191>, <bin_0..999>."""
+    lines = (BPE_DIR / "dict.txt").read_text(encoding="utf-8").splitlines()
+    symbols = ["<s>", "<pad>", "</s>", "<unk>", *(line.split()[0] for line in lines), "<mask>"]
+    symbols += [f"<code_{i}>" for i in range(8192)] + [f"<bin_{i}>" for i in range(1000)]
+    return {symbol: i for i, symbol in enumerate(symbols)}
+
+
+def ofa_encode_text(text: str, use_bpe: bool = True) -> list[int]:
+    """OFADataset.encode_text: GPT2BPE.encode (ids joined by spaces) unless use_bpe=False, then encode_line."""
+    encoder, ranks, _ = reference_tables()
+    line = " ".join(map(str, reference_bpe_ids(text, encoder, ranks))) if use_bpe else text
+    return [ofa_dictionary()[symbol] for symbol in line.split()]  # Dictionary.encode_line splits on whitespace
+
+
+def ofa_bpe_line(text: str) -> str:
+    """GPT2BPE.encode: the BPE ids of `text` as one space-separated string, to be joined with symbols."""
+    encoder, ranks, _ = reference_tables()
+    return " ".join(map(str, reference_bpe_ids(text, encoder, ranks)))
+
+
+# Our text -> how OFA builds the same ids. Grounded captioning and detection follow data/pretrain_data/
+# unify_dataset.py; the infilling rows put <mask>/<code_i> where OFA substitutes their ids.
+MIXED_SYMBOL_CASES = [
+    (" <code_123>", lambda: ofa_encode_text("<code_123>", use_bpe=False)),
+    (
+        "  what does the region describe? region: <bin_12> <bin_34> <bin_560> <bin_999>",
+        lambda: (
+            ofa_encode_text("  what does the region describe? region:")
+            + ofa_encode_text("<bin_12> <bin_34> <bin_560> <bin_999>", use_bpe=False)
+        ),
+    ),
+    (
+        "<bin_1> <bin_2> <bin_3> <bin_4> dog <bin_5> <bin_6> <bin_7> <bin_8> hot dog",
+        lambda: ofa_encode_text(
+            " ".join(
+                [
+                    "<bin_1> <bin_2> <bin_3> <bin_4>",
+                    ofa_bpe_line(" dog"),
+                    "<bin_5> <bin_6> <bin_7> <bin_8>",
+                    ofa_bpe_line(" hot dog"),
+                ]
+            ),
+            use_bpe=False,
+        ),
+    ),
+    (
+        " the patient <mask> chest pain <mask>.",
+        lambda: (
+            ofa_encode_text(" the patient")
+            + ofa_encode_text("<mask>", use_bpe=False)
+            + ofa_encode_text(" chest pain")
+            + ofa_encode_text("<mask>", use_bpe=False)
+            + ofa_encode_text(".")
+        ),
+    ),
+    (
+        " what is the image in the middle part? <code_0> <code_8191>\t<mask>\n<code_7>x",
+        lambda: (
+            ofa_encode_text(" what is the image in the middle part?")
+            + ofa_encode_text("<code_0> <code_8191> <mask> <code_7>", use_bpe=False)
+            + ofa_encode_text("x")
+        ),
+    ),
+]
 
 
 # --- tests ---
@@ -130,7 +206,26 @@ def test_special_token_layout(ofa_tokenizer):
         58457,
         59456,
     ]
-    assert tok(" <bin_3><code_7>", add_special_tokens=False).input_ids == [1437, 58460, 50272]
+    assert tok(" <bin_3><code_7> <mask>", add_special_tokens=False).input_ids == [58460, 50272, 50264]
+
+
+@needs_bpe
+@pytest.mark.parametrize(("text", "ofa_ids"), MIXED_SYMBOL_CASES, ids=range(len(MIXED_SYMBOL_CASES)))
+def test_text_mixed_with_symbols_matches_ofa_composition(ofa_tokenizer, text, ofa_ids):
+    """<mask>, <code_i>, <bin_i> take no space token before them; text after them keeps its leading space."""
+    assert ofa_tokenizer(text).input_ids == [0, *ofa_ids(), 2]
+
+
+@needs_bpe
+def test_tokenizer_json_from_before_the_symbol_fix_loads_with_it(ofa_tokenizer, tmp_path):
+    """A tokenizer.json whose <mask>/<code_i>/<bin_i> keep the space before them is read with OFA's behaviour."""
+    save_tokenizer(ofa_tokenizer, tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in saved["added_tokens"]:
+        token["lstrip"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved), encoding="utf-8")
+    text, ofa_ids = MIXED_SYMBOL_CASES[1]
+    assert load_tokenizer(tmp_path)(text).input_ids == [0, *ofa_ids(), 2]
 
 
 @needs_bpe
@@ -197,8 +292,8 @@ def test_trained_tokenizer_has_ofa_families_and_round_trips(tmp_path):
     ]
     assert len(tok) == base + 27
     ids = tok(" is there a fracture? <bin_3>").input_ids
-    assert ids[0] == 0 and ids[-1] == 2 and base + 20 in ids
-    assert tok.decode(ids, skip_special_tokens=True) == " is there a fracture? <bin_3>"
+    assert ids[0] == 0 and ids[-1] == 2 and ids[-2] == base + 20
+    assert tok.decode(ids, skip_special_tokens=True) == " is there a fracture?<bin_3>"  # no space token, as OFA
 
     save_tokenizer(tok, tmp_path)
     reloaded = load_tokenizer(tmp_path)
@@ -214,3 +309,23 @@ def test_trained_tokenizer_default_families():
     tok = train_bpe_tokenizer([" a small corpus about lungs"] * 5, vocab_size=300)
     assert len(tok) == tok.vocab_size + 8192 + 1000
     assert tok.convert_tokens_to_ids("<bin_999>") == len(tok) - 1
+
+
+def test_trained_tokenizer_joins_symbols_to_text_like_ofa(tmp_path):
+    """The embedded default tokenizer: ids from its own vocab.json + merges.txt, composed the OFA way."""
+    corpus = [" which region does the text describe? region", " the patient has chest pain", " a hot dog"] * 20
+    tok = train_bpe_tokenizer(corpus, vocab_size=400, num_codes=16, num_bins=10)
+    save_tokenizer(tok, tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n")[1:-1]
+    ranks = {tuple(m.split()): rank for rank, m in enumerate(merges)}
+
+    def bpe(text: str) -> list[int]:
+        return reference_bpe_ids(text, vocab, ranks)
+
+    symbols = [vocab[s] for s in ("<bin_3>", "<bin_9>", "<mask>", "<code_15>")]
+    text = " which region does the text describe? region: <bin_3> <bin_9> hot dog <mask> chest pain\n<code_15>"
+    expected = bpe(" which region does the text describe? region:") + symbols[:2] + bpe(" hot dog")
+    expected += [symbols[2]] + bpe(" chest pain") + [symbols[3]]
+    assert tok(text).input_ids == [0, *expected, 2]
+    assert load_tokenizer(tmp_path)(text).input_ids == [0, *expected, 2]
