@@ -1,23 +1,31 @@
-# Setup and the two quickstart commands. Everything lives in .venv; CPU hosts get the CPU build of torch first so
-# that installing the package never pulls CUDA wheels.
+# Setup and the two quickstart commands. Everything lives in .venv and installs through requirements/cpu.lock, the
+# exact versions the test suite passed with; CPU hosts get the CPU build of torch first, so no CUDA wheels arrive.
+# Refresh the lock with `make lock`: it installs the newest releases in .venv-latest, runs the tests there, and only
+# if they pass writes what that venv holds into the lock.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH ?= torch==2.13.0
+LOCK := requirements/cpu.lock
+LATEST := .venv-latest
+TORCH ?= $(shell grep -m1 '^torch==' $(LOCK))
+UNIT_AND_RECIPES := -m "not gpu and not slurm"
+export REQUIREMENT_NAMES := from scaling.environment import supported_requirements as r; \
+	print(*(x.name for x in r() if x.name != "torch"))
 
-.PHONY: setup setup-gpu run test test-fast slurm-deps lint
+.PHONY: setup setup-gpu run test test-fast test-latest lock slurm-deps lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python  ## CPU host: torch CPU build, then the package with dev + dicom extras
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,dicom]"
+setup: $(BIN)/python  ## CPU host: torch's CPU build, then the package with dev + dicom extras, all from the lock
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,dicom]"
 
-setup-gpu: $(BIN)/python  ## CUDA host: the default (CUDA) torch wheel, then the package
-	$(BIN)/pip install -q "torch>=2.4"
-	$(BIN)/pip install -q -e ".[dev,dicom]"
+setup-gpu: $(BIN)/python  ## CUDA host: the default (CUDA) build of the locked torch, then the package from the lock
+	$(BIN)/pip install -q "$(firstword $(subst +, ,$(TORCH)))"
+	grep -v '^torch==' $(LOCK) > $(VENV)/gpu-constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/gpu-constraints.txt -e ".[dev,dicom]"
 
 run: setup  ## the default job: instruction-tune the embedded model on synthetic data, evaluate, report
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
@@ -35,6 +43,21 @@ test: setup slurm-deps  ## the whole suite except GPU tests
 
 test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not gpu and not slow and not distributed and not slurm"
+
+# The newest release of every requirement, ignoring the lock and pyproject's upper bounds (the version check is
+# skipped, since those bounds are what is being tested); torch stays the locked CPU build unless TORCH= is given.
+test-latest:  ## unit + recipe tiers on the newest releases, in .venv-latest
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST) && $(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q "$(TORCH)"
+	$(LATEST)/bin/pip install -q -e ".[dev,dicom]"
+	$(LATEST)/bin/pip install -q --upgrade $$($(LATEST)/bin/python -c "$$REQUIREMENT_NAMES")
+	$(LATEST)/bin/scaling env
+	SCALING_SKIP_VERSION_CHECK=1 $(LATEST)/bin/python -m pytest -q $(UNIT_AND_RECIPES)
+
+lock: test-latest  ## write .venv-latest's versions (which just passed the tests) into requirements/cpu.lock
+	{ echo "# The exact versions the test suite passed with (make test-latest), written by \`make lock\`."; \
+	  echo "# Installed with pip install -c $(LOCK); widen pyproject.toml's upper bounds to match."; \
+	  $(LATEST)/bin/pip freeze --exclude-editable | sort -f; } > $(LOCK)
 
 lint:
 	$(BIN)/ruff check scaling recipes tests

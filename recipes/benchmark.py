@@ -39,6 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.config import load_config
+from scaling.environment import require_supported_versions
 from scaling.logging import get_logger
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from scaling.training.distributed import build_accelerator, fill_deepspeed_auto
@@ -61,6 +62,7 @@ TARGETS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    require_supported_versions()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="base", help="model size preset")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"),

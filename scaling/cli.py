@@ -6,12 +6,15 @@
     scaling infer --checkpoint runs/instruct/export --image scan.jpg --question "is there a lesion?"
     scaling report runs/base/report.json runs/large/report.json --out compare/
     scaling data inspect vqa_rad --path data/vqa_rad
+    scaling env
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from scaling.environment import require_supported_versions
 
 
 def _add_estimate_memory(sub: argparse._SubParsersAction) -> None:
@@ -238,22 +241,31 @@ def _run_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing(name: str) -> int:
-    print(f"scaling {name}: not available in this build", file=sys.stderr)
-    return 2
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="the installed stack, the lock and the accelerate config, for bug reports")
+    p.set_defaults(func=_run_env)
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    from scaling.environment import environment_report
+
+    print(environment_report())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_estimate_memory, _add_convert, _add_export, _add_infer, _add_report, _add_data):
+    for add in (_add_estimate_memory, _add_convert, _add_export, _add_infer, _add_report, _add_data, _add_env):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "env":  # `env` is what to run when the versions are wrong
+        require_supported_versions()
     return int(args.func(args) or 0)
 
 

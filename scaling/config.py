@@ -24,6 +24,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from scaling.environment import require_supported_versions
+
 
 class ConfigError(ValueError):
     """One or more configuration problems, all listed in the message."""
@@ -487,6 +489,7 @@ def _runtime_problems(cfg: Config, rt: Runtime) -> list[str]:
 
 def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, str | None]:
     """A recipe's command line: `--config FILE` and dotted `key=value` overrides, in any order."""
+    require_supported_versions()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="recipe YAML (recipes/configs/...); omit for the defaults")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
