@@ -101,6 +101,9 @@ class BiomedGPTConfig(PretrainedConfig):
     image_size: int = 256
     max_positions: int = 1024
     token_bucket_size: int = 256
+    # max_position of OFA's token-bucket formula: OFA fixes it at 1024 whatever max_source_positions is
+    # (unify_transformer.py make_token_bucket_position); None = max_positions.
+    token_bucket_max_position: int | None = None
     image_bucket_size: int = 42
     # Attention logits are scaled by (head_dim * attn_scale_factor) ** -0.5.
     attn_scale_factor: float = 2.0
@@ -153,9 +156,17 @@ class BiomedGPTConfig(PretrainedConfig):
                 f"code_image_size {self.code_image_size} gives a {self.code_image_size // 8}-wide code grid, larger "
                 f"than image_bucket_size {self.image_bucket_size}"
             )
-        if self.token_bucket_size > self.max_positions:
-            found.append(f"token_bucket_size {self.token_bucket_size} exceeds max_positions {self.max_positions}")
+        if self.token_bucket_size > self.token_bucket_positions:
+            found.append(
+                f"token_bucket_size {self.token_bucket_size} exceeds the token-bucket range {self.token_bucket_positions} "
+                "(token_bucket_max_position, else max_positions)"
+            )
         return found
+
+    @property
+    def token_bucket_positions(self) -> int:
+        """The max_position of the token-bucket formula: token_bucket_max_position, else max_positions."""
+        return self.token_bucket_max_position or self.max_positions
 
     @property
     def resnet_out_channels(self) -> int:

@@ -26,6 +26,15 @@ Tied weights: `decoder.embed_tokens` and `decoder.output_projection` must equal 
 --share-all-embeddings); a missing copy is filled from it. Any other key the model does not have, or any model key
 the checkpoint lacks, stops the conversion with the full list.
 
+Architecture fields come from three places, cross-checked where they overlap (a disagreement names the field):
+    tensor shapes        vocabulary, width, layers, heads, FFN sizes, ResNet stages and stem, max_positions (both
+                         position tables), token/image bucket sizes, NormFormer
+    index buffers        token_rp_bucket's side: the range of OFA's token-bucket formula, which OFA fixes at 1024
+                         whatever max_source_positions is; image_position_idx's length: code_image_size
+    the checkpoint's     fairseq `cfg`/`args`, or config.json beside HF-port weights (checkpoint_config.py): the same
+    own config           fields plus code_image_size, attn_scale_factor, activation, dropout rates, the training
+                         resolution, and the options our model must refuse
+
 Nothing is written until the converted model has been saved to a staging directory, reloaded from disk, and shown to
 give the same tensors and logits as the in-memory model; the staging directory is then renamed into place. Weights
 are stored in float32 whatever the source precision (fairseq --fp16 checkpoints hold float16 tensors).
@@ -43,8 +52,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from scaling.logging import get_logger
-from scaling.safe_load import load_state_dict_file
+from scaling.safe_load import PICKLE_SUFFIXES, load_pickle_checkpoint, load_state_dict_file, select_weights
 
+from .checkpoint_config import ConversionError, DeclaredArchitecture, fairseq_architecture, hf_config_architecture
 from .configuration import PRESETS, BiomedGPTConfig
 from .modeling import (
     BiomedGPTForConditionalGeneration,
@@ -52,7 +62,7 @@ from .modeling import (
     image_relative_buckets,
     token_relative_buckets,
 )
-from .tokenization import load_tokenizer, save_tokenizer
+from .tokenization import FAMILY_TOKEN, load_tokenizer, save_tokenizer
 
 logger = get_logger(__name__)
 
@@ -91,11 +101,9 @@ SHAPE_FIELDS = (
     "image_bucket_size",
     "normformer",
 )
+# image_position_idx ends with 769 (OFA main, BiomedGPT) or 768 (HF port) pad entries: BiomedGPT issue #39
+IMAGE_POSITION_PADDING = (769, 768)
 LOGIT_TOLERANCE = 1e-5
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not map onto the BiomedGPT model; the message lists every offending key."""
 
 
 @dataclass
@@ -111,6 +119,10 @@ class ConversionReport:
     filled: dict[str, str] = field(default_factory=dict)
     tokenizer_size: int = 0
     max_abs_logit_diff: float = 0.0
+    # where the checkpoint's own config was read, and each field taken from it ("source key = value")
+    config_source: str | None = None
+    config_fields: dict[str, str] = field(default_factory=dict)
+    ema_available: bool = False
 
 
 # --- key map -----------------------------------------------------------------------------------------------------
@@ -155,7 +167,7 @@ def rename_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return renamed, buffers
 
 
-# --- configuration from shapes -----------------------------------------------------------------------------------
+# --- configuration from shapes, index buffers and the checkpoint's own config ------------------------------------
 
 
 def infer_shape(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -172,6 +184,12 @@ def infer_shape(state_dict: dict[str, torch.Tensor]) -> dict:
 
     vocab_size, d_model = shape(EMBEDDING_KEY)
     heads = shape("model.encoder.token_rel_pos_table_list.0.weight")[1]
+    max_positions = shape("model.encoder.embed_positions.weight")[0] - 2
+    if shape("model.decoder.embed_positions.weight")[0] - 2 != max_positions:
+        raise ConversionError(
+            f"The decoder has {shape('model.decoder.embed_positions.weight')[0] - 2} positions (max_target_positions) "
+            f"and the encoder {max_positions} (max_source_positions); BiomedGPT uses one max_positions for both."
+        )
     return dict(
         vocab_size=vocab_size,
         d_model=d_model,
@@ -183,26 +201,77 @@ def infer_shape(state_dict: dict[str, torch.Tensor]) -> dict:
         decoder_ffn_dim=shape("model.decoder.layers.0.fc1.weight")[0],
         resnet_layers=[layer_count(f"model.encoder.embed_images.layer{stage}.") for stage in (1, 2, 3)],
         resnet_width=shape("model.encoder.embed_images.conv1.weight")[0],
-        max_positions=shape("model.encoder.embed_positions.weight")[0] - 2,
+        max_positions=max_positions,
         token_bucket_size=(shape("model.encoder.token_rel_pos_table_list.0.weight")[0] + 1) // 2,
         image_bucket_size=math.isqrt(shape("model.encoder.embed_image_positions.weight")[0] - 1),
         normformer="model.encoder.layers.0.self_attn.c_attn" in state_dict,
     )
 
 
-def config_for_shape(shape: dict, preset: str | None = None) -> tuple[BiomedGPTConfig, str | None]:
-    """The preset whose shape equals the checkpoint's (checked against `preset` when given), else a custom config."""
-    candidates = [preset] if preset else list(PRESETS)
-    for name in candidates:
+def buffer_fields(buffers: dict[str, torch.Tensor]) -> dict:
+    """Fields OFA's index buffers fix: the token-bucket range (token_rp_bucket's side) and code_image_size."""
+    found = {}
+    token_buckets = buffers.get("encoder.token_rp_bucket", buffers.get("decoder.token_rp_bucket"))
+    if token_buckets is not None:
+        found["token_bucket_max_position"] = token_buckets.shape[0]
+    if "decoder.image_position_idx" in buffers:
+        side = code_grid_side(buffers["decoder.image_position_idx"].shape[0])
+        if side:
+            found["code_image_size"] = 8 * side
+    return found
+
+
+def code_grid_side(length: int) -> int | None:
+    """Side of the code grid in an image_position_idx of 1 + side**2 + 769 (OFA) or + 768 (HF port) entries."""
+    for padding in IMAGE_POSITION_PADDING:
+        side = math.isqrt(max(0, length - 1 - padding))
+        if side and 1 + side * side + padding == length:
+            return side
+    return None
+
+
+def check_declared_shape(shape: dict, declared: DeclaredArchitecture) -> None:
+    """Fail naming every field where the checkpoint's config contradicts its tensors."""
+    wrong = [
+        f"{declared.read_from[f]}={declared.fields[f]} but the tensors give {f}={shape[f]}"
+        for f in SHAPE_FIELDS
+        if f in declared.fields and declared.fields[f] != shape[f]
+    ]
+    if wrong:
+        raise ConversionError(
+            f"{declared.origin} does not describe these weights: {'; '.join(wrong)}. Use the config saved with them."
+        )
+
+
+def match_preset(shape: dict, preset: str | None) -> str | None:
+    """The preset whose shape equals the checkpoint's (checked against `preset` when given), else None."""
+    for name in [preset] if preset else list(PRESETS):
         config = BiomedGPTConfig.from_preset(name)
         differences = {f: (shape[f], getattr(config, f)) for f in SHAPE_FIELDS if shape[f] != getattr(config, f)}
         if not differences:
-            return config, name
+            return name
         if preset:
             listed = ", ".join(f"{f}: checkpoint {got} vs preset {want}" for f, (got, want) in differences.items())
             raise ConversionError(f"The checkpoint does not have the shape of preset {preset!r}: {listed}")
-    image_size = 16 * min(16, shape["image_bucket_size"])
-    return BiomedGPTConfig(**shape, image_size=image_size), None
+    return None
+
+
+def build_config(
+    shape: dict, buffers: dict[str, torch.Tensor], declared: DeclaredArchitecture | None, preset: str | None
+) -> tuple[BiomedGPTConfig, str | None]:
+    """The config of the converted model: preset or shape, then what the buffers fix, then the declared fields."""
+    if declared is not None:
+        check_declared_shape(shape, declared)
+    name = match_preset(shape, preset)
+    base = dict(PRESETS[name]) if name else {**shape, "image_size": 16 * min(16, shape["image_bucket_size"])}
+    fields = {**base, **buffer_fields(buffers), **(declared.fields if declared else {})}
+    if fields.get("token_bucket_max_position") == fields["max_positions"]:
+        fields["token_bucket_max_position"] = None  # the formula's default range
+    try:
+        return BiomedGPTConfig(**fields), name
+    except ValueError as error:
+        origin = declared.origin if declared else "the checkpoint's tensor shapes"
+        raise ConversionError(f"{origin}: {error}") from None
 
 
 # --- checks on buffers and ties ------------------------------------------------------------------------------------
@@ -212,10 +281,19 @@ def expected_buffer(name: str, length: int, config: BiomedGPTConfig) -> torch.Te
     """What the model computes for one of OFA's stored index buffers, at the stored length."""
     positions = torch.arange(length)
     if name.endswith("token_rp_bucket"):
-        return token_relative_buckets(positions, positions, config.token_bucket_size, config.max_positions)
+        return token_relative_buckets(positions, positions, config.token_bucket_size, config.token_bucket_positions)
     if name.endswith("image_rp_bucket"):
         return image_relative_buckets(positions, positions, config.image_bucket_size)
     return code_position_ids(length, config.code_image_size, config.image_bucket_size)
+
+
+def buffer_settings(name: str, config: BiomedGPTConfig) -> str:
+    """The config fields an index buffer is computed from, with their values."""
+    if name.endswith("token_rp_bucket"):
+        return f"token_bucket_size={config.token_bucket_size} over {config.token_bucket_positions} positions"
+    if name.endswith("image_rp_bucket"):
+        return f"image_bucket_size={config.image_bucket_size}"
+    return f"code_image_size={config.code_image_size}, image_bucket_size={config.image_bucket_size}"
 
 
 def check_buffers(buffers: dict[str, torch.Tensor], config: BiomedGPTConfig) -> dict[str, str]:
@@ -227,11 +305,13 @@ def check_buffers(buffers: dict[str, torch.Tensor], config: BiomedGPTConfig) -> 
             continue
         expected = expected_buffer(name, tensor.shape[0], config)
         if tensor.shape != expected.shape or not torch.equal(tensor.long(), expected):
+            side = code_grid_side(tensor.shape[0]) if name.endswith("image_position_idx") else None
+            built_for = f" (it holds a {side}x{side} code grid: code_image_size={8 * side})" if side else ""
             raise ConversionError(
-                f"{name} {tuple(tensor.shape)} differs from the model's own position indices for token_bucket_size="
-                f"{config.token_bucket_size}, image_bucket_size={config.image_bucket_size}, max_positions="
-                f"{config.max_positions}, code_image_size={config.code_image_size}: the checkpoint was built with "
-                "other position settings, so its attention biases would not be reproduced."
+                f"{name} {tuple(tensor.shape)}{built_for} differs from the model's own position indices for "
+                f"{buffer_settings(name, config)}: the checkpoint's config and its index buffers disagree, or it was "
+                "built with position settings BiomedGPT does not implement, so its attention biases would not be "
+                "reproduced."
             )
         dropped[name] = f"{tensor.shape[0]}-entry index buffer, equal to the model's own; computed on the fly"
     return dropped
@@ -285,11 +365,15 @@ def check_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> N
 
 
 def convert_state_dict(
-    source: dict[str, torch.Tensor], preset: str | None = None
+    source: dict[str, torch.Tensor], preset: str | None = None, declared: DeclaredArchitecture | None = None
 ) -> tuple[BiomedGPTForConditionalGeneration, ConversionReport]:
-    """Rename, check and load a fairseq / HF-port state dict into a new model (eval mode)."""
+    """Rename, check and load a fairseq / HF-port state dict into a new model (eval mode).
+
+    `declared` is the architecture the checkpoint's own config states (`fairseq_architecture`,
+    `hf_config_architecture`); without it the config comes from the tensor shapes and index buffers alone.
+    """
     renamed, buffers = rename_keys(source)
-    config, preset = config_for_shape(infer_shape(renamed), preset)
+    config, preset = build_config(infer_shape(renamed), buffers, declared, preset)
     dropped = check_buffers(buffers, config)
     filled = tie_embeddings(renamed)
     model = BiomedGPTForConditionalGeneration(config).eval()
@@ -304,6 +388,8 @@ def convert_state_dict(
         tensors=len(source),
         dropped=dropped,
         filled=filled,
+        config_source=declared.origin if declared else None,
+        config_fields={f: f"{declared.read_from[f]} = {v!r}" for f, v in declared.fields.items()} if declared else {},
     )
     return model, report
 
@@ -354,18 +440,20 @@ def convert_checkpoint(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass overwrite=True (--overwrite)")
     tokenizer = find_tokenizer(source, bpe_dir)
-    state_dict = load_state_dict_file(source, weights=weights, trust_pickle=trust_pickle)
-    model, report = convert_state_dict(state_dict, preset)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConversionError(
-            f"The tokenizer has {len(tokenizer)} entries but the checkpoint's embedding only {model.config.vocab_size} "
-            "rows: it belongs to another model. Pass the matching --bpe-dir."
-        )
+    state_dict, declared, ema_available = read_checkpoint(source, weights, trust_pickle)
+    model, report = convert_state_dict(state_dict, preset, declared)
+    check_tokenizer(tokenizer, model.config, declared)
     report.source, report.weights, report.tokenizer_size = str(source), weights, len(tokenizer)
+    report.ema_available = ema_available
     logger.info(
         f"{source}: {report.source_format} checkpoint, preset {report.preset or 'custom'}, {report.tensors} tensors; "
+        f"{len(report.config_fields)} fields from {report.config_source or 'no config (tensor shapes only)'}; "
         f"dropped {len(report.dropped)} checked buffers, filled {len(report.filled)} absent keys"
     )
+    if ema_available and weights == "model":
+        logger.info(
+            f"{source} also carries EMA weights (what OFA's --ema-eval evaluates): convert them with --weights ema"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -378,6 +466,54 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Wrote {out_dir} (reloaded logits match, max abs diff {report.max_abs_logit_diff:.2g})")
     return report
+
+
+def read_checkpoint(
+    source: Path, weights: str, trust_pickle: bool
+) -> tuple[dict[str, torch.Tensor], DeclaredArchitecture | None, bool]:
+    """The weights to convert, the architecture the checkpoint's own config declares, and whether it holds EMA weights.
+
+    A fairseq pickle declares it in `cfg`/`args`; other sources (HF-port directory, bare weight file) in a
+    config.json beside the weights.
+    """
+    declared, ema_available = None, False
+    if source.suffix in PICKLE_SUFFIXES:
+        checkpoint = load_pickle_checkpoint(source, trust_pickle)
+        state_dict = select_weights(checkpoint, source, weights)
+        declared = fairseq_architecture(checkpoint, source)
+        ema_available = "ema" in (checkpoint.get("extra_state") or {})
+    else:
+        state_dict = load_state_dict_file(source, weights=weights, trust_pickle=trust_pickle)
+    config_json = (source if source.is_dir() else source.parent) / "config.json"
+    if declared is None and config_json.is_file():
+        declared = hf_config_architecture(config_json)
+    return state_dict, declared, ema_available
+
+
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, config: BiomedGPTConfig, declared: DeclaredArchitecture | None
+) -> None:
+    """The tokenizer must fit the embedding, and carry the <code_i>/<bin_i> counts the checkpoint was trained with."""
+    if len(tokenizer) > config.vocab_size:
+        raise ConversionError(
+            f"The tokenizer has {len(tokenizer)} entries but the checkpoint's embedding only {config.vocab_size} "
+            "rows: it belongs to another model. Pass the matching --bpe-dir."
+        )
+    if declared is None or not declared.symbol_counts:
+        return
+    symbols = [FAMILY_TOKEN.fullmatch(token) for token in tokenizer.get_vocab()]
+    families = [match.group(1) for match in symbols if match]
+    found = {"code_dict_size": (families.count("code"), "<code_i>"), "num_bins": (families.count("bin"), "<bin_i>")}
+    wrong = [
+        f"{key}={count} but the tokenizer has {found[key][0]} {found[key][1]} tokens"
+        for key, count in declared.symbol_counts.items()
+        if found[key][0] != count
+    ]
+    if wrong:
+        raise ConversionError(
+            f"{declared.origin} declares {'; '.join(wrong)}, so their ids would not line up with the embedding rows. "
+            "Pass the --bpe-dir of this checkpoint's tokenizer."
+        )
 
 
 def find_tokenizer(source: Path, bpe_dir: str | Path | None) -> PreTrainedTokenizerFast:

@@ -478,7 +478,7 @@ class BiomedGPTEncoder(nn.Module):
         text_positions = torch.arange(text_len, device=device)
         position_embeddings = self.pos_ln(self.embed_positions(text_positions))  # (L, d)
         buckets = token_relative_buckets(
-            text_positions, text_positions, self.config.token_bucket_size, self.config.max_positions
+            text_positions, text_positions, self.config.token_bucket_size, self.config.token_bucket_positions
         )
         image_buckets = None
         if pixel_values is not None:
@@ -654,7 +654,7 @@ class BiomedGPTDecoder(nn.Module):
             encoder_outputs.attention_mask[:, None, None, :].bool(), cross_bias.dtype
         )
         buckets = token_relative_buckets(
-            query_positions, key_positions, self.config.token_bucket_size, self.config.max_positions
+            query_positions, key_positions, self.config.token_bucket_size, self.config.token_bucket_positions
         )
         code_buckets = None if code_masks is None else self.code_buckets(past, past + length, x.device)
         prefixes = layer_prefixes(prefix_key_values, "decoder", len(self.layers))
