@@ -68,8 +68,37 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
     return 0 if gpu_memory is None or est.fits(gpu_memory) else 1
 
 
+CONVERT_READS = """\
+what is read from the checkpoint:
+  tensor shapes   vocabulary, width, layers, heads, FFN sizes, ResNet stages and stem width, max_positions (both
+                  position tables), token/image bucket sizes, NormFormer (c_attn)
+  index buffers   token_rp_bucket (side = range of the token buckets: 1024 in OFA whatever max_source_positions),
+                  image_rp_bucket, image_position_idx (length = code grid + 769 or 768 pads: code_image_size);
+                  checked against the model's own indices, then dropped
+  fairseq .pt     cfg.model (or args): encoder_embed_dim decoder_embed_dim encoder_layers decoder_layers
+                  encoder_attention_heads decoder_attention_heads encoder_ffn_embed_dim decoder_ffn_embed_dim
+                  max_source_positions max_target_positions token_bucket_size image_bucket_size attn_scale_factor
+                  code_image_size resnet_type activation_fn scale_attn scale_fc scale_heads dropout attention_dropout
+                  activation_dropout encoder_drop_path_rate decoder_drop_path_rate resnet_drop_path_rate;
+                  cfg.task (or args): patch_image_size (-> image_size), code_dict_size and num_bins (checked against
+                  the tokenizer); --weights ema: extra_state.ema, with extra_state.ema_fp32_params on top
+  config.json     beside HF-port weights (OFAConfig): vocab_size d_model encoder_layers decoder_layers
+                  encoder_attention_heads decoder_attention_heads encoder_ffn_dim decoder_ffn_dim
+                  max_position_embeddings token_bucket_size image_bucket_size attn_scale_factor code_image_size
+                  normformer resnet_type activation_function dropout attention_dropout activation_dropout
+                  encoder_drop_path_rate decoder_drop_path_rate resnet_drop_path_rate init_std
+A field both in the config and in the tensors must agree. Refused, naming the field, because the model does not
+compute them: encoder_normalize_before/decoder_normalize_before false (post-LN), no_scale_embedding false or
+scale_embedding true, layernorm_embedding/patch_layernorm_embedding/code_layernorm_embedding/add_type_embedding
+false, entangle_position_embedding true, disable_entangle false (fairseq), share_all_embeddings or
+share_decoder_input_output_embed false, scale_resids, adapter, encoder_prompt, decoder_prompt or
+interpolate_position true, mixed scale_attn/scale_fc/scale_heads, max_target_positions != max_source_positions.
+Nothing is written until the saved model reloads with identical tensors and logits."""
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a fairseq or OFA-HF BiomedGPT checkpoint into a save_pretrained dir")
+    p = sub.add_parser("convert", help="convert a fairseq or OFA-HF BiomedGPT checkpoint into a save_pretrained dir",
+                       epilog=CONVERT_READS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="fairseq .pt, HF-port pytorch_model.bin / .safetensors, or an HF-port model directory")
     p.add_argument("out_dir", help="output directory (weights, config, tokenizer, conversion.json)")
     p.add_argument("--bpe-dir", help="tokenizer files (encoder.json+vocab.bpe+dict.txt, or vocab.json+merges.txt); "
