@@ -6,7 +6,7 @@ Launch from the repository root (one process; the rows run one after another in 
     python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_vqa_rad.yaml \
         "peft.sweep=[T-T-T, F-LoRA-LoRA:4, T-T-LoRA:4]" train.max_steps=2000
 
-Each row (peft.sweep, MILE's ViT-JTM-Dec labels; empty = DEFAULT_GRID, the rows of MILE Tables 1-4) is trained with
+Each row (peft.sweep, MILE's ViT-JTM-Dec labels; empty = scaling.sweep.DEFAULT_GRID, the rows of MILE Tables 1-4) is trained with
 the fine-tuning recipe's loop on the VQA sources for train.max_steps steps, then scored on their test split. With
 peft.sweep_pretrain_steps every row starts from one model fully fine-tuned first on the other tasks' sources. Written
 to train.output_dir: peft_sweep.{md,csv,json} (ViT / JTM / Dec, rank, #Params %, memory, Opened, Closed, Global) and
@@ -17,43 +17,26 @@ the data and the Python runtime, so compare rows, not absolute values).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import sys
 import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
-from finetune import build_model, build_tokenizer, train  # recipes/ is on sys.path when run as a script
 
 from scaling.adapters import count_trainable, save_adapter
 from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config, sweep_row
-from scaling.data.records import Record
-from scaling.evaluation.runner import evaluate_model
+from scaling.data.instruct import instruction_formatter
+from scaling.data.loading import SourceSplit, all_records, load_sources, records_by_label, training_sources
+from scaling.evaluation.runner import eval_collator, evaluate_model
 from scaling.logging import get_logger, setup_logging
-from scaling.training.batches import BatchStream, load_split, training_sources
-from scaling.training.distributed import build_accelerator, fill_deepspeed_auto
+from scaling.sweep import DEFAULT_GRID, table_row, write_table
+from scaling.training.batches import BatchStream
+from scaling.training.distributed import build_accelerator
+from scaling.training.loop import train
 from scaling.training.memory import peak_memory, reset_peak_memory
-from scaling.training.optim import build_optimizer, build_scheduler
+from scaling.training.run import build_model, build_tokenizer, prepare_for_training, run_recipe
 
 log = get_logger("recipes.peft_sweep")
-
-DEFAULT_GRID = [
-    "T-T-T",  # full fine-tuning, the reference row
-    # Table 1: LoRA (r = 4 and 8)
-    "F-LoRA-LoRA:4", "F-LoRA-LoRA:8", "LoRA-LoRA-LoRA:4", "LoRA-LoRA-LoRA:8", "F-T-LoRA:4", "T-T-LoRA:4",
-    "T-LoRA-LoRA:4",
-    # Table 2: (IA)3
-    "F-IA3-IA3", "IA3-IA3-IA3", "F-T-IA3", "T-IA3-IA3",
-    # Table 3: prefix tuning
-    "F-F-Prefix", "F-Prefix-Prefix", "T-Prefix-Prefix", "T-T-Prefix",
-    # Table 4: P-tuning v2
-    "F-F-PTv2", "F-PTv2-PTv2",
-]
-COLUMNS = ["ViT", "JTM", "Dec", "rank", "quantize", "params_pct", "trainable", "memory_mib", "opened", "closed",
-           "yes_no", "global", "final_loss", "seconds"]
-SHORT = {"freeze": "F", "full": "T", "lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "Prefix", "ptv2": "PTv2"}
 
 
 def row_configs(cfg: Config, base_dir: Path | None) -> list[tuple[str, Config]]:
@@ -75,21 +58,19 @@ def with_run(cfg: Config, run_dir: Path, max_steps: int | None = None) -> Config
     """The config of one training run of the sweep: its own directory, no step checkpoints (the sweep keeps the
     adapter or the model instead)."""
     steps = max_steps or cfg.train.max_steps
-    train = dataclasses.replace(cfg.train, output_dir=str(run_dir), max_steps=steps, save_every=steps + 1)
-    return dataclasses.replace(cfg, train=train)
+    train_args = dataclasses.replace(cfg.train, output_dir=str(run_dir), max_steps=steps, save_every=steps + 1)
+    return dataclasses.replace(cfg, train=train_args)
 
 
 @dataclasses.dataclass
 class SweepData:
-    """Records of every training source (the tokenizer's corpus), the VQA ones every row trains and is scored on, and
-    the others, on which the common starting model is pretrained."""
+    """Every training source (the tokenizer's corpus), the VQA ones every row trains and is scored on, and the
+    others, on which the common starting model is pretrained."""
 
-    train_records: dict[str, list[Record]]
-    vqa_sources: list
-    vqa_train: dict[str, list[Record]]
-    vqa_test: dict[str, list[Record]]
-    pretrain_sources: list
-    pretrain_records: dict[str, list[Record]]
+    train: list[SourceSplit]
+    vqa_train: list[SourceSplit]
+    vqa_test: list[SourceSplit]
+    pretrain: list[SourceSplit]
 
 
 def sweep_data(cfg: Config, accelerator) -> SweepData:
@@ -98,27 +79,18 @@ def sweep_data(cfg: Config, accelerator) -> SweepData:
     Pretraining on the other tasks means the rows adapt a model that knows the images but not the VQA task, as MILE
     adapted a pretrained MISS to VQA-RAD and SLAKE; with VQA sources only, pretraining uses them.
     """
-    sources = training_sources(cfg, accelerator)
-    train_records = load_split(sources, cfg.data, "train")
-    is_vqa = [bool(records) and records[0].task == "vqa" for records in train_records.values()]
-    if not any(is_vqa):
-        raise ValueError("the sweep scores VQA (MILE's Opened/Closed/Global): configure at least one VQA source")
-
-    def pick(vqa: bool) -> tuple[list, dict[str, list[Record]]]:
-        chosen = [i for i, flag in enumerate(is_vqa) if flag == vqa]
-        return [sources[i] for i in chosen], {k: v for i, (k, v) in enumerate(train_records.items()) if i in chosen}
-
-    vqa_sources, vqa_train = pick(True)
-    pretrain_sources, pretrain_records = pick(False) if not all(is_vqa) else (sources, train_records)
-    vqa_test = load_split(vqa_sources, cfg.data, "test")
-    if cfg.eval.max_samples:
-        vqa_test = {k: v[: cfg.eval.max_samples] for k, v in vqa_test.items()}
-    return SweepData(train_records, vqa_sources, vqa_train, vqa_test, pretrain_sources, pretrain_records)
+    train_data = load_sources(training_sources(cfg, accelerator), cfg.data)
+    vqa = [s for s in train_data if s.records and s.records[0].task == "vqa"]
+    if not vqa:
+        raise ConfigError(["the sweep scores VQA (MILE's Opened/Closed/Global): configure at least one VQA source"])
+    others = [s for s in train_data if s not in vqa] or train_data
+    test_sources = [dataclasses.replace(s.source, split="test") for s in vqa]
+    return SweepData(train_data, vqa, load_sources(test_sources, cfg.data, cfg.eval.max_samples), others)
 
 
-def fit(cfg: Config, tokenizer, sources, train_records: dict[str, list[Record]], label: str):
-    """Build the model of `cfg` (PEFT applied), train it with the fine-tuning loop; returns it prepared, with its
-    accelerator, trainable counts and peak training memory."""
+def fit(cfg: Config, tokenizer, train_data: list[SourceSplit], label: str):
+    """Build the model of `cfg` (PEFT applied) and train it on the library's training path; returns it prepared,
+    with its accelerator, trainable counts and peak training memory."""
     accelerator = build_accelerator(cfg)
     set_seed(cfg.train.seed)  # every row starts from the same weights and draws the same batches
     if accelerator.is_main_process:
@@ -126,27 +98,24 @@ def fit(cfg: Config, tokenizer, sources, train_records: dict[str, list[Record]],
     reset_peak_memory()
     model = build_model(cfg, tokenizer)
     counts = count_trainable(model)
-    stream = BatchStream(train_records, sources, cfg, tokenizer, model.config.image_size,
-                         accelerator.process_index, accelerator.num_processes)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    fill_deepspeed_auto(accelerator, cfg)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    stream = BatchStream(train_data, cfg, tokenizer, model.config.image_size, accelerator.process_index,
+                         accelerator.num_processes)
+    prepared = prepare_for_training(accelerator, model, cfg)
     accelerator.init_trackers(label)
-    train(cfg, accelerator, model, optimizer, scheduler, stream, 0, None)
+    train(cfg, accelerator, prepared, stream, 0)
     stream.close()
     memory = peak_memory(accelerator.device)
-    accelerator.free_memory(optimizer, scheduler)
-    return model, accelerator, counts, memory
+    accelerator.free_memory(prepared.optimizer, prepared.scheduler)
+    return prepared.model, accelerator, counts, memory
 
 
-def pretrain_base(cfg: Config, tokenizer, sources, train_records) -> Path:
-    """Full fine-tuning on `sources`, saved as the checkpoint all rows start from."""
+def pretrain_base(cfg: Config, tokenizer, train_data: list[SourceSplit]) -> Path:
+    """Full fine-tuning on `train_data`, saved as the checkpoint all rows start from."""
     run_dir = Path(cfg.train.output_dir) / "pretrain"
     base = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, vision="full", encoder="full", decoder="full",
                                                              quantize="none", sweep=[]))
-    model, accelerator, _, _ = fit(with_run(base, run_dir, cfg.peft.sweep_pretrain_steps), tokenizer, sources,
-                                   train_records, "pretrain")
+    model, accelerator, _, _ = fit(with_run(base, run_dir, cfg.peft.sweep_pretrain_steps), tokenizer, train_data,
+                                   "pretrain")
     base_dir = run_dir / "model"
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(base_dir)
@@ -155,15 +124,17 @@ def pretrain_base(cfg: Config, tokenizer, sources, train_records) -> Path:
     return base_dir
 
 
-def run_row(label: str, cfg: Config, tokenizer, sources, train_records, test_records) -> dict:
+def run_row(label: str, cfg: Config, tokenizer, data: SweepData) -> dict:
     """Train one policy for the fixed budget and score it; returns its table row."""
     start = time.perf_counter()
-    model, accelerator, counts, memory = fit(cfg, tokenizer, sources, train_records, label)
+    model, accelerator, counts, memory = fit(cfg, tokenizer, data.vqa_train, label)
     if cfg.peft.enabled:
         save_adapter(accelerator.unwrap_model(model), Path(cfg.train.output_dir) / "adapter",
                      accelerator.is_main_process)
-    scores = evaluate_model(model, tokenizer, test_records, cfg, accelerator, Path(cfg.train.output_dir) / "eval",
-                            name=label)
+    formatter = instruction_formatter(cfg, all_records(data.vqa_train))
+    collator = eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config, formatter)
+    scores = evaluate_model(model, tokenizer, records_by_label(data.vqa_test), cfg, accelerator,
+                            Path(cfg.train.output_dir) / "eval", collator, name=label)
     accelerator.end_training()
     accelerator.free_memory(model)
     return table_row(cfg, counts, memory, scores, final_loss(cfg), time.perf_counter() - start)
@@ -174,78 +145,6 @@ def final_loss(cfg: Config) -> float | None:
 
     losses = [r["loss"] for r in read_metrics(cfg.train.output_dir) if "loss" in r]
     return losses[-1] if losses else None
-
-
-def table_row(cfg: Config, counts: dict, memory: int, scores: dict, loss: float | None, seconds: float) -> dict:
-    """One line of MILE's table; with several VQA test sets their accuracies are averaged."""
-    def score(name: str) -> float | None:
-        values = [v for k, v in scores.items() if k.endswith("/" + name)]
-        return sum(values) / len(values) if values else None
-
-    peft = cfg.peft
-    adapted = {peft.vision, peft.encoder, peft.decoder}
-    return {
-        "ViT": SHORT[peft.vision], "JTM": SHORT[peft.encoder], "Dec": SHORT[peft.decoder],
-        "rank": peft.r if adapted & {"lora", "dora"} else None,
-        "quantize": None if peft.quantize == "none" else peft.quantize,
-        "params_pct": counts["all"]["trainable_pct"], "trainable": counts["all"]["trainable"],
-        "memory_mib": memory / 2**20,
-        "opened": score("open_accuracy"), "closed": score("closed_accuracy"), "yes_no": score("yes_no_accuracy"),
-        "global": score("accuracy"), "final_loss": loss, "seconds": seconds,
-    }
-
-
-def write_table(rows: list[dict], out_dir: Path) -> dict[str, Path]:
-    """peft_sweep.json / .csv / .md / .png in out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"peft_sweep.{ext}" for ext in ("json", "csv", "md", "png")}
-    paths["json"].write_text(json.dumps(rows, indent=2))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["label", *COLUMNS])
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["md"].write_text(markdown_table(rows))
-    plot_accuracy(rows, paths["png"])
-    return paths
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """MILE's layout: ViT | JTM | Dec | rank | #Params % | Memory | Opened | Closed | Global (+ yes/no, loss)."""
-    def fmt(value, digits=2):
-        return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-    head = ("| ViT | JTM | Dec | Rank | #Params (%) | Memory (MiB) | Opened | Closed | Global | Yes/No | Final loss |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    lines = [f"| {r['ViT']} | {r['JTM']} | {r['Dec']}{' (' + r['quantize'] + ')' if r['quantize'] else ''} | "
-             f"{fmt(r['rank'])} | {fmt(r['params_pct'], 3)} | {fmt(r['memory_mib'], 0)} | {fmt(r['opened'])} | "
-             f"{fmt(r['closed'])} | {fmt(r['global'])} | {fmt(r['yes_no'])} | {fmt(r['final_loss'], 3)} |"
-             for r in rows]
-    return head + "\n".join(lines) + "\n"
-
-
-def plot_accuracy(rows: list[dict], path: Path) -> None:
-    """Global accuracy against trainable % (log scale), one labelled point per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row["global"] is None:
-            continue
-        ax.scatter(row["params_pct"], row["global"], s=24)
-        ax.annotate(row["label"], (row["params_pct"], row["global"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 100)  # the full scale: a flat sweep must look flat
-    ax.set_xlabel("trainable parameters (% of all, adapters included)")
-    ax.set_ylabel("global VQA accuracy (%)")
-    ax.set_title("PEFT policy per component: accuracy vs. trainable share")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,18 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = build_accelerator(cfg)
     set_seed(cfg.train.seed)
     data = sweep_data(cfg, accelerator)
-    tokenizer = build_tokenizer(cfg, accelerator, data.train_records)
+    tokenizer = build_tokenizer(cfg, accelerator, data.train)
     if base_dir:
         log.info("pretraining the common starting model: %d steps on %s", cfg.peft.sweep_pretrain_steps,
-                 ", ".join(data.pretrain_records))
-        pretrain_base(cfg, tokenizer, data.pretrain_sources, data.pretrain_records)
+                 ", ".join(s.label for s in data.pretrain))
+        pretrain_base(cfg, tokenizer, data.pretrain)
 
     # 3. the rows, one after another; the table is rewritten after each so a long sweep can be read while it runs
     table = []
     for label, row_cfg in rows:
         log.info("row %s", label)
-        table.append({"label": label, **run_row(label, row_cfg, tokenizer, data.vqa_sources, data.vqa_train,
-                                                 data.vqa_test)})
+        table.append({"label": label, **run_row(label, row_cfg, tokenizer, data)})
         if accelerator.is_main_process:
             paths = write_table(table, out_dir)
     if accelerator.is_main_process:
@@ -281,8 +179,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
+    run_recipe(main)

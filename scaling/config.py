@@ -51,6 +51,8 @@ class SourceArgs:
     """Relative sampling weight in the multi-task mixture."""
     options: dict[str, Any] = field(default_factory=dict)
     """Loader-specific options, e.g. {q_lang: en} for SLAKE or {task: vqa} for BiomedGPT TSV files."""
+    label: str | None = None
+    """Name in logs and reports (None: <name>/<split>)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -107,6 +109,8 @@ class DataArgs:
     """Evaluation sources; empty means the held-out split of the training sources."""
     synthetic_images: int = 2400
     """Number of images the embedded synthetic generator draws (train + held-out)."""
+    synthetic_tasks: list[str] = field(default_factory=list)
+    """Tasks of the embedded synthetic data to train on when data.sources is empty (empty: all six)."""
     instruction: bool = False
     """Wrap samples in instruction templates (MILE-style closed/open templates with options)."""
     temperature: float = 1.0
@@ -136,6 +140,11 @@ class DataArgs:
             out.append(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.synthetic_images < 10:
             out.append(f"data.synthetic_images must be >= 10, got {self.synthetic_images}")
+        from scaling.data.tasks import TASKS  # late: the data package imports this module
+
+        unknown = sorted(set(self.synthetic_tasks) - set(TASKS))
+        if unknown:
+            out.append(f"data.synthetic_tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
         return out
 
 
@@ -143,7 +152,7 @@ class DataArgs:
 class TrainArgs:
     """Optimisation, precision, checkpointing."""
 
-    output_dir: str = "runs/instruct"
+    output_dir: str = "runs/finetune"
     """Run directory: config, logs, metrics, checkpoints, exports and reports go here."""
     seed: int = 42
     """Seed for weights, data order and dropout; runs with the same seed are identical on CPU."""
@@ -335,6 +344,9 @@ def sweep_row(label: str) -> dict[str, Any]:
 class EvalArgs:
     """Evaluation and reports."""
 
+    after_training: bool = True
+    """Training recipes: evaluate the exported model on data.eval_sources (else the test split of the training
+    sources) when training ends, and write the report into <train.output_dir>/eval."""
     mode: Literal["auto", "generate", "constrained", "score"] = "auto"
     """auto: each task's BiomedGPT decoding (VQA constrained greedy, captions beam 10, labels scored, ...; the other
     eval.* decoding values are then unused); generate: free decoding; constrained: decoding limited to a candidate

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from scaling.config import Config
 from scaling.data.records import CLOSED, DataError, Record
 from scaling.data.tasks import get_task, normalize_answer, normalize_whitespace
 
@@ -163,6 +164,14 @@ class InstructionFormatter:
         else:
             choices = WITH_OPTIONS + OPEN_WITHOUT_OPTIONS
         return choices[0] if self.template_choice == "first" else choices[int(rng.integers(len(choices)))]
+
+
+def instruction_formatter(cfg: Config, option_records: Iterable[Record]) -> InstructionFormatter | None:
+    """With data.instruction, the formatter training and evaluation share: templates seeded by train.seed, answer
+    options drawn from `option_records` (training answers, never the evaluated ones); None without."""
+    if not cfg.data.instruction:
+        return None
+    return InstructionFormatter(CandidatePools.from_records(option_records), seed=cfg.train.seed)
 
 
 def question_text(record: Record) -> str:

@@ -221,16 +221,15 @@ def flat_metrics(evaluations: list[dict]) -> dict[str, float]:
 
 
 def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Sequence[Record]], cfg: Config,
-                   accelerator: Accelerator, out_dir: str | Path, collator=None, name: str | None = None) -> dict:
+                   accelerator: Accelerator, out_dir: str | Path, collator, name: str | None = None) -> dict:
     """Evaluate an (already prepared) model on records of one or several tasks, write the report into `out_dir`.
 
-    `records` is a list (grouped by task, each group named after its task) or {dataset name: records}. Every rank
-    must call this; the returned metrics are complete on the main process ({} elsewhere).
+    `records` is a list (grouped by task, each group named after its task) or {dataset name: records}; `collator`
+    is `eval_collator(...)` with the prompts the model was trained on. Every rank must call this; the returned
+    metrics are complete on the main process ({} elsewhere).
     """
     start = time.perf_counter()
     datasets = dict(records) if isinstance(records, dict) else group_by_task(records)
-    collator = collator or eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config,
-                                         [r for recs in datasets.values() for r in recs])
     checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
                             cfg.model.checkpoint)
     evaluations = [evaluate_dataset(model, tokenizer, list(recs), dataset, cfg, accelerator, collator, checkpoint,
@@ -239,15 +238,10 @@ def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Seque
     return flat_metrics(evaluations)
 
 
-def eval_collator(tokenizer, cfg: Config, model_config, records: Sequence[Record] = ()):
-    """The training collator at the model's resolution with the configured prompt layout; with data.instruction,
-    instruction prompts (each record's first template, options drawn from the evaluated records' answers)."""
+def eval_collator(tokenizer, cfg: Config, model_config, instruction=None):
+    """The training collator at the model's resolution with the configured prompt layout and, with
+    data.instruction, the training run's instruction formatter (scaling.data.instruct.instruction_formatter)."""
     from scaling.data.collate import Collator
-    from scaling.data.instruct import CandidatePools, InstructionFormatter
 
-    instruction = None
-    if cfg.data.instruction:
-        instruction = InstructionFormatter(CandidatePools.from_records(records), seed=cfg.train.seed,
-                                           template_choice="first")
     return Collator(tokenizer, model_config.image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
                     cfg.data.prompt_type, instruction=instruction)

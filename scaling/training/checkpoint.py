@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -37,11 +36,6 @@ TOKENIZER_DIR = "tokenizer"
 EMA_FILE = "ema.safetensors"
 DEEPSPEED_TAG = "pytorch_model"
 """Sub-directory (DeepSpeed checkpoint tag) that accelerator.save_state writes DeepSpeed shards into."""
-
-FAULT_KILL_DURING_SAVE = "SCALING_FAULT_KILL_DURING_SAVE"
-"""Test-only fault injection: set to a step number and the process SIGKILLs itself in the middle of writing that
-step's checkpoint (after the state files, before the COMPLETE marker and the rename)."""
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt, with the directory and the fix in the message."""
@@ -66,8 +60,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
         ema.save(tmp / EMA_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _maybe_fault(step)
-        _write_manifest(tmp, step, accelerator.num_processes)
+        write_manifest(tmp, step, accelerator.num_processes)
         if final.exists():  # a step redone after a resume from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -77,13 +70,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
     return final
 
 
-def _maybe_fault(step: int) -> None:
-    if os.environ.get(FAULT_KILL_DURING_SAVE) == str(step):
-        log.warning("%s=%d: killing this process in the middle of a checkpoint write", FAULT_KILL_DURING_SAVE, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_manifest(directory: Path, step: int, world_size: int) -> None:
+def write_manifest(directory: Path, step: int, world_size: int) -> None:
     """The completeness marker: every file with its size, written last and fsynced."""
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
     _write_json(directory / COMPLETE, {"step": step, "world_size": world_size, "time": time.time(), "files": files})

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 
 from scaling.config import Config, EvalArgs
 from scaling.data.collate import Collator
+from scaling.data.instruct import instruction_formatter
 from scaling.data.records import Record
 from scaling.data.tasks import get_task
 from scaling.evaluation.runner import (
@@ -68,11 +69,11 @@ def test_eval_collator_uses_instruction_prompts_when_configured():
                       attributes={"category": "PRES"}) for i, t in enumerate(["yes", "no", "liver", "kidney"])]
     model_config = BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer))
     cfg = Config()
-    plain = eval_collator(tokenizer, cfg, model_config, records)(records)
+    plain = eval_collator(tokenizer, cfg, model_config, instruction_formatter(cfg, records))(records)
     cfg.data.instruction = True
-    instructed = eval_collator(tokenizer, cfg, model_config, records)(records)
+    instructed = eval_collator(tokenizer, cfg, model_config, instruction_formatter(cfg, records))(records)
     assert instructed["input_ids"].shape[1] > plain["input_ids"].shape[1]  # templates wrap the question
-    again = eval_collator(tokenizer, cfg, model_config, records)(records)
+    again = eval_collator(tokenizer, cfg, model_config, instruction_formatter(cfg, records))(records)
     assert (again["input_ids"] == instructed["input_ids"]).all()  # deterministic prompts for evaluation
 
 

@@ -18,6 +18,12 @@ from scaling.training.tracking import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 TEST_CONFIG = ROOT / "recipes" / "configs" / "biomedgpt" / "test_finetune.yaml"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+INJECT_FAULT = ROOT / "tests" / "recipes" / "inject_fault.py"
+
+
+def injected(*faults: str) -> list[str]:
+    """Put before recipe_args(...): the recipe runs with these faults injected (see inject_fault.py)."""
+    return [str(INJECT_FAULT), *faults]
 
 
 def recipe_args(run_dir: Path, cache_dir: Path, *overrides: str, recipe: str = "finetune.py",

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from recipe_runs import (
+    injected,
     kill_group,
     logged_steps,
     losses,
@@ -24,7 +25,6 @@ from recipe_runs import (
 
 from scaling.training.checkpoint import (
     COMPLETE,
-    FAULT_KILL_DURING_SAVE,
     TMP_PREFIX,
     checkpoint_dir,
     find_resume,
@@ -88,7 +88,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_selected_and_exportable(tmp_path, cache):
     lora = ("peft.encoder=lora", "peft.decoder=lora")  # a PEFT run, so the export below merges adapters
-    done = run(PYTHON + recipe_args(tmp_path, cache, *lora), env={FAULT_KILL_DURING_SAVE: "4"},
+    done = run(PYTHON + injected("kill_during_save=4") + recipe_args(tmp_path, cache, *lora),
                expect=-signal.SIGKILL)
     partial = checkpoint_dir(tmp_path, 4).with_name(TMP_PREFIX + "step_00000004")
     assert partial.is_dir() and not (partial / COMPLETE).exists(), done.stderr[-2000:]
@@ -132,8 +132,7 @@ def test_nonfinite_losses_are_skipped_and_counted_then_too_many_stop_the_run(tmp
     skipped = tmp_path / "skipped"
     features = ("train.ema_decay=0.5", "train.freeze_embeddings=true", "train.gradient_checkpointing=true",
                 "logging.tensorboard=true")
-    run(PYTHON + recipe_args(skipped, cache, "train.max_nonfinite_steps=3", *features),
-        env={"SCALING_FAULT_NONFINITE": "3:2"})
+    run(PYTHON + injected("nonfinite=3:2") + recipe_args(skipped, cache, "train.max_nonfinite_steps=3", *features))
     rows = [json.loads(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 2, 2, 2, 2, 2, 2]
@@ -149,8 +148,8 @@ def test_nonfinite_losses_are_skipped_and_counted_then_too_many_stop_the_run(tmp
     assert list((skipped / "tensorboard").rglob("events.out.tfevents*"))
 
     stopped = tmp_path / "stopped"
-    done = run(PYTHON + recipe_args(stopped, cache, "train.max_nonfinite_steps=3"),
-               env={"SCALING_FAULT_NONFINITE": "5:99"}, expect=1)
+    done = run(PYTHON + injected("nonfinite=5:99") + recipe_args(stopped, cache, "train.max_nonfinite_steps=3"),
+               expect=1)
     assert "3 optimizer steps in a row had a non-finite loss" in done.stderr + done.stdout
     assert logged_steps(stopped) == [1, 2, 3, 4]
     assert [p.name for p in list_checkpoints(stopped)] == ["step_00000002", "step_00000004"]

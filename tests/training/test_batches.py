@@ -8,27 +8,28 @@ import torch
 
 from scaling.config import DataArgs, SourceArgs, load_config
 from scaling.data.instruct import CandidatePools, InstructionFormatter
+from scaling.data.loading import SourceSplit, all_records, load_sources
 from scaling.data.synthetic import generate_synthetic
 from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
-from scaling.training.batches import BatchStream, load_split, tokenizer_corpus
+from scaling.training.batches import BatchStream
+from scaling.training.run import tokenizer_corpus
 
 IMAGE_SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> tuple[list[SourceArgs], dict]:
+def records(tmp_path_factory) -> list[SourceSplit]:
     data = generate_synthetic(tmp_path_factory.mktemp("synthetic"), 20, seed=0)
     sources = [SourceArgs(name=s.loader, path=str(s.path), split="train", options=dict(s.options))
                for task, s in data.sources.items() if task in ("vqa", "caption")]
-    return sources, load_split(sources, DataArgs(), "train")
+    return load_sources(sources, DataArgs())
 
 
-def make_stream(records, num_workers: int) -> BatchStream:
-    sources, train = records
+def make_stream(train: list[SourceSplit], num_workers: int) -> BatchStream:
     cfg = load_config(overrides=[f"data.num_workers={num_workers}", "train.batch_size=5", "train.seed=3"])
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(train), vocab_size=400, num_codes=0, num_bins=0)
-    formatter = InstructionFormatter(CandidatePools.from_records(r for recs in train.values() for r in recs))
-    return BatchStream(train, sources, cfg, tokenizer, IMAGE_SIZE, rank=0, world_size=1, instruction=formatter)
+    formatter = InstructionFormatter(CandidatePools.from_records(all_records(train)))
+    return BatchStream(train, cfg, tokenizer, IMAGE_SIZE, rank=0, world_size=1, instruction=formatter)
 
 
 def draw(stream: BatchStream, n: int) -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,62 @@
+"""Test launcher: run a recipe with a fault injected from outside, through a seam of the library.
+
+    python tests/recipes/inject_fault.py nonfinite=3:2 recipes/finetune.py --config ... key=value ...
+    accelerate launch ... tests/recipes/inject_fault.py kill_during_save=4 recipes/finetune.py ...
+
+Faults (each process of a launch applies them to itself):
+  nonfinite=FIRST:COUNT    micro-batch losses FIRST .. FIRST+COUNT-1 (counted from 1 in this process) are NaN:
+                           `scaling.training.loop.loss_step` is wrapped. With one micro-batch per step and a fresh
+                           start, that poisons the first COUNT attempts at optimizer step FIRST.
+  kill_during_save=STEP    the process SIGKILLs itself when it is about to mark step STEP's checkpoint complete:
+                           `scaling.training.checkpoint.write_manifest` is wrapped (it runs on the main process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import runpy
+import signal
+import sys
+
+import scaling.training.checkpoint as checkpoint
+import scaling.training.loop as loop
+
+
+def poison_losses(first: int, count: int) -> None:
+    real, calls = loop.loss_step, itertools.count(1)
+
+    def loss_step(model, batch):
+        loss = real(model, batch)
+        return loss * float("nan") if first <= next(calls) < first + count else loss
+
+    loop.loss_step = loss_step
+
+
+def kill_during_save(at_step: int) -> None:
+    real = checkpoint.write_manifest
+
+    def write_manifest(directory, step, world_size):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(directory, step, world_size)
+
+    checkpoint.write_manifest = write_manifest
+
+
+FAULTS = {"nonfinite": lambda spec: poison_losses(*map(int, spec.split(":"))),
+          "kill_during_save": lambda spec: kill_during_save(int(spec))}
+
+
+def main() -> None:
+    faults = list(itertools.takewhile(lambda arg: "=" in arg and not arg.endswith(".py"), sys.argv[1:]))
+    recipe, *recipe_args = sys.argv[1 + len(faults):]
+    for fault in faults:
+        name, spec = fault.split("=", 1)
+        FAULTS[name](spec)
+    sys.argv = [recipe, *recipe_args]
+    runpy.run_path(recipe, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
