@@ -208,7 +208,7 @@ def refuse_unsupported(arguments: Mapping, required: Mapping, origin: str) -> No
     wrong = [
         f"{key}={arguments[key]!r} (supported: {value!r})"
         for key, value in required.items()
-        if key in arguments and arguments[key] != value
+        if key in arguments and bool(arguments[key]) != value  # argparse leaves unset flags False or None
     ]
     if wrong:
         raise ConversionError(
@@ -238,10 +238,13 @@ def normformer(arguments: Mapping, origin: str) -> bool:
 
 
 def activation(name: str, origin: str) -> str:
-    """Our activation name for a fairseq/HF one."""
+    """Our (transformers ACT2FN) activation name for a fairseq one, or for one already in ACT2FN terms (HF port)."""
     if name in ACTIVATIONS:
         return ACTIVATIONS[name]
-    raise ConversionError(f"{origin}: activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    if name in ACTIVATIONS.values():
+        return name
+    supported = sorted(set(ACTIVATIONS) | set(ACTIVATIONS.values()))
+    raise ConversionError(f"{origin}: activation {name!r} is not supported (supported: {', '.join(supported)})")
 
 
 def resnet_stages(resnet_type: str, origin: str) -> list[int]:
