@@ -17,6 +17,7 @@ the rules listed in scaling/models/biomedgpt/generation.py, which each of those 
      max_new_tokens includes EOS and finishes beams at the limit on their last token, without EOS (checked below).
                                                               -> max_new_tokens=max_len + 1, EOSAtMaxLength
   4. fairseq's default min_len is 1 (no empty hypothesis); transformers' is 0.          -> min_new_tokens=min_len
+  5. OFA's --unnormalized (VQA) divides scores by nothing.                               -> length_penalty=0.0
 One difference stays: once `beam` hypotheses are finished, fairseq drops any that finish later in the same step,
 while transformers swaps one in when it outscores a finished hypothesis (length normalisation makes that possible).
 The reference reports when that happens (`displaced`); there, generate() must equal the reference with
