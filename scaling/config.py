@@ -61,7 +61,7 @@ class SourceArgs:
         if self.split not in ("train", "validation", "test"):
             out.append(f"data source {self.name!r}: split must be train, validation or test, got {self.split!r}")
         elif self.name != "synthetic":
-            from scaling.data.sources import source_problems  # late: the data package imports this module
+            from scaling.data.sources import source_problems  # late: loads torch; data.tasks imports this module
 
             out += source_problems(self.name, self.split, self.options)
         return out
@@ -340,17 +340,56 @@ def sweep_row(label: str) -> dict[str, Any]:
     return row
 
 
+DecodingMode = Literal["generate", "constrained", "score"]
+ScoreNormalize = Literal["trie", "vocab"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How predictions are produced, in the names generate() reads: a task's BiomedGPT default or the eval.* keys."""
+
+    mode: DecodingMode = "generate"
+    """generate: free decoding; constrained: decoding limited to a candidate trie; score: rank every candidate by
+    teacher-forced log-probability."""
+    beam: int = 1
+    """Beam size (1 = greedy)."""
+    max_new_tokens: int = 16
+    """Maximum generated tokens."""
+    length_penalty: float = 1.0
+    """Beam length penalty."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size in free decoding (0 disables)."""
+    score_chunk: int = 64
+    """(sample, candidate) pairs per teacher-forced forward pass in score mode."""
+    score_normalize: ScoreNormalize = "trie"
+    """score mode: 'trie' renormalises each step's distribution over the tokens the trie allows (OFA), 'vocab' not."""
+
+    def __post_init__(self):
+        modes = typing.get_args(DecodingMode)
+        if self.mode not in modes:
+            raise ValueError(f"decoding mode must be one of {', '.join(modes)}, got {self.mode!r}")
+        if self.score_normalize not in typing.get_args(ScoreNormalize):
+            raise ValueError(f"score_normalize must be 'trie' or 'vocab', got {self.score_normalize!r}")
+
+    def as_dict(self) -> dict:
+        """The settings that matter for this mode, for reports."""
+        keys = {"generate": ("beam", "max_new_tokens", "length_penalty", "no_repeat_ngram_size"),
+                "constrained": ("beam", "max_new_tokens", "length_penalty"),
+                "score": ("score_chunk", "score_normalize")}[self.mode]
+        return {"mode": self.mode, **{k: getattr(self, k) for k in keys}}
+
+
 @dataclass
 class EvalArgs:
-    """Evaluation and reports."""
+    """Evaluation and reports. The decoding keys carry the names of `Decoding`'s fields."""
 
     after_training: bool = True
     """Training recipes: evaluate the exported model on data.eval_sources (else the test split of the training
     sources) when training ends, and write the report into <train.output_dir>/eval."""
-    mode: Literal["auto", "generate", "constrained", "score"] = "auto"
-    """auto: each task's BiomedGPT decoding (VQA constrained greedy, captions beam 10, labels scored, ...; the other
-    eval.* decoding values are then unused); generate: free decoding; constrained: decoding limited to a candidate
-    trie; score: rank every candidate by teacher-forced log-probability."""
+    mode: Literal["auto", DecodingMode] = "auto"
+    """auto: each task's BiomedGPT decoding (VQA constrained greedy, captions beam 10, labels scored, ...; of the other
+    eval.* decoding values only score_chunk and score_normalize then apply); generate: free decoding; constrained:
+    decoding limited to a candidate trie; score: rank every candidate by teacher-forced log-probability."""
     checkpoints: list[str] = field(default_factory=list)
     """Checkpoint directories to evaluate side by side (empty: model.checkpoint, else the run's export)."""
     base_checkpoint: str | None = None
@@ -359,19 +398,19 @@ class EvalArgs:
     """Where report.json/.md/.html and predictions/ go (None: <train.output_dir>/eval)."""
     batch_size: int = 32
     """Samples per generation batch."""
-    beam: int = 1
-    """Beam size (1 = greedy)."""
-    max_new_tokens: int = 16
-    """Maximum generated tokens."""
-    length_penalty: float = 1.0
-    """Beam length penalty."""
-    no_repeat_ngram_size: int = 0
-    """Forbid repeating n-grams of this size (0 disables)."""
+    beam: int = Decoding.beam
+    """Beam size of an explicit mode (1 = greedy)."""
+    max_new_tokens: int = Decoding.max_new_tokens
+    """Maximum generated tokens of an explicit mode."""
+    length_penalty: float = Decoding.length_penalty
+    """Beam length penalty of an explicit mode."""
+    no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size
+    """Forbid repeating n-grams of this size in eval.mode=generate (0 disables)."""
     max_samples: int | None = None
     """Evaluate at most this many samples per source (None: all)."""
-    score_chunk: int = 64
+    score_chunk: int = Decoding.score_chunk
     """(sample, candidate) pairs scored per forward pass in score mode."""
-    score_normalize: Literal["trie", "vocab"] = "trie"
+    score_normalize: ScoreNormalize = Decoding.score_normalize
     """score mode: trie renormalises each step over the tokens the candidate trie allows (OFA); vocab does not."""
     report_samples: int = 24
     """Samples shown in the report's table."""
@@ -386,6 +425,12 @@ class EvalArgs:
         if self.max_samples is not None and self.max_samples < 1:
             out.append(f"eval.max_samples must be >= 1 or null, got {self.max_samples}")
         return out
+
+    def decoding(self, task_default: Decoding) -> Decoding:
+        """mode=auto: the task's BiomedGPT decoding with eval.score_chunk/score_normalize; else the eval.* values."""
+        if self.mode == "auto":
+            return dataclasses.replace(task_default, score_chunk=self.score_chunk, score_normalize=self.score_normalize)
+        return Decoding(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Decoding)})
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Rank-zero logging: rich on the console, a plain-text `train.log` in the run directory.
 
-Only the main process prints (LOCAL_RANK/RANK unset or 0); every rank may still write warnings of its own through
-`get_logger(..., all_ranks=True)`.
+Only the main process prints (global rank 0, read from RANK or else LOCAL_RANK); a message that every rank should
+print passes `extra={"all_ranks": True}` to the log call.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from scaling.data.images import ImageTransform
 from scaling.data.instruct import InstructionFormatter
@@ -48,12 +47,11 @@ class Sample:
     """An undecoded reference, a decoded image, or an already transformed (3, H, W) tensor."""
 
 
-def format_record(record: Record, instruction: InstructionFormatter | None = None, epoch: int = 0,
-                  verbatim: bool = False) -> Sample:
-    """The record's prompt and target: the task's BiomedGPT prompt, an instruction, or the question as written
-    (`verbatim`, and always for records read back from an instruction file: they are instructions already)."""
+def format_record(record: Record, instruction: InstructionFormatter | None = None, epoch: int = 0) -> Sample:
+    """The record's prompt and target: the task's BiomedGPT prompt, an instruction, or, for records read back from
+    an instruction file (instructions already), the question as written."""
     task = get_task(record.task)
-    if verbatim or is_instruction(record):
+    if is_instruction(record):
         prompt, target = " " + normalize_whitespace(record.text["question"]), task.target(record)
     elif instruction is not None:
         formatted = instruction(record, epoch)
@@ -67,28 +65,6 @@ def is_instruction(record: Record) -> bool:
     """Records of an instruction file written by `write_instruction_file` (the llava_med source keeps its
     `task` field as the `source_task` attribute)."""
     return record.attributes.get("source_task") is not None
-
-
-class FormattedDataset(Dataset):
-    """Records as samples; images are transformed here (in DataLoader workers) when a transform is given."""
-
-    def __init__(self, records: Sequence[Record], instruction: InstructionFormatter | None = None,
-                 transform: ImageTransform | None = None, verbatim: bool = False):
-        self.records, self.instruction, self.transform, self.verbatim = records, instruction, transform, verbatim
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Instruction templates and options are re-drawn per epoch (MILE draws one template per visit)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Sample:
-        sample = format_record(self.records[index], self.instruction, self.epoch, self.verbatim)
-        if self.transform is not None and sample.image is not None:
-            sample.image = self.transform(sample.image)
-        return sample
 
 
 class Collator:

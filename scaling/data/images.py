@@ -16,7 +16,6 @@ from scaling.data.records import ImageRef
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest width*height decoded; a 10k x 10k slide fits, a decompression bomb does not."""
 OFA_MEAN = OFA_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _DICOM_MAGIC_OFFSET = 128
 
 

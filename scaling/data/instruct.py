@@ -3,7 +3,8 @@
 MILE turns each VQA item into one of several instruction templates ("Question: ... Options: (a) x; (b) y ...
 Answer:"); closed yes/no items get the two options yes/no, other items get the answer plus distractors drawn from
 a pool of answers of the same kind (modality, plane, organ, ...), with the right answer at a uniform position.
-Our wording is our own; the mechanics follow reference/mile_peft.md §2.
+Our wording is our own; the mechanics follow MILE ("Can LLMs' Tuning Methods Work in Medical Multimodal Domain?",
+arXiv 2403.06407; TIMMY-CHAN/MILE `Instruction_dataset/RAD_instruction_data.json`, `data/vqa_dataset.py`).
 
     pools = CandidatePools.from_records(train_records)
     formatter = InstructionFormatter(pools, seed=0)

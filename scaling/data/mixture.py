@@ -156,10 +156,3 @@ class Mixture(IterableDataset):
                              "with the same data, weights, temperature, seed and number of processes")
         self.start = state["epoch"] * self.epoch_length + state["position"]
         self.consumed = 0
-
-    def source_counts(self, n: int) -> dict[str, int]:
-        """How many of the next n global positions each dataset gets (for logging the realised mixture)."""
-        counts = np.zeros(len(self.sizes), dtype=np.int64)
-        for position in range(self.start, self.start + n):
-            counts[self.locate(position)[0]] += 1
-        return dict(zip(self.names, counts.tolist(), strict=True))

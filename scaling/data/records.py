@@ -176,12 +176,6 @@ def normalize_answer_type(value: Any, field: str = "answer_type") -> str:
     return text
 
 
-def check_split(split: str, available: tuple[str, ...], source: str) -> None:
-    """Raises a DataError listing the splits a source offers."""
-    if split not in available:
-        raise SplitNotFound(f"source {source!r} has no split {split!r}; choose one of {', '.join(available)}")
-
-
 def check_path(path: Path | str, what: str, hint: str = "") -> Path:
     """The path if it exists, else a DataError naming it and what was expected there."""
     path = Path(path)

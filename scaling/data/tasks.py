@@ -10,25 +10,11 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from scaling.config import Decoding
 from scaling.data.records import BadRecord, Record
 
 YES_NO_MAYBE = ["yes", "no", "maybe"]
 _PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Default decoding for evaluation, from BiomedGPT's evaluation scripts."""
-
-    beam: int = 5
-    max_len: int = 32
-    """Maximum number of generated tokens (fairseq's max_len_b with max_len_a = 0)."""
-    lenpen: float = 1.0
-    no_repeat_ngram: int = 0
-    constrained: bool = False
-    """Restrict generation to the candidate answers (a trie over their tokens)."""
-    score_candidates: bool = False
-    """Score every candidate with teacher forcing and take the best, instead of generating."""
 
 
 def normalize_whitespace(text: str) -> str:
@@ -45,6 +31,7 @@ class Task:
     """Text fields a record must carry (non-empty)."""
     metrics: tuple[str, ...] = ()
     decoding: Decoding = Decoding()
+    """Evaluation decoding under eval.mode=auto, from BiomedGPT's evaluation scripts (max_new_tokens = max_len_b)."""
 
     def prompt(self, record: Record) -> str:
         raise NotImplementedError
@@ -77,7 +64,7 @@ class VQATask(Task):
     text_fields: tuple[str, ...] = ("question",)
     metrics: tuple[str, ...] = ("accuracy",)
     # evaluate_vqa_rad_beam_scale.sh: beam 1 over the candidate trie; max_tgt_length 40
-    decoding: Decoding = Decoding(beam=1, max_len=40, constrained=True)
+    decoding: Decoding = Decoding(mode="constrained", beam=1, max_new_tokens=40)
     add_object: bool = False
     """Append ' object: {objects}' (image_organ for VQA-RAD, location for SLAKE), as with --add-object."""
 
@@ -102,7 +89,7 @@ class CaptionTask(Task):
     name: str = "caption"
     needs_image: bool = True
     metrics: tuple[str, ...] = ("rouge_l", "cider", "bleu_4")
-    decoding: Decoding = Decoding(beam=10, max_len=32, no_repeat_ngram=3)
+    decoding: Decoding = Decoding(beam=10, max_new_tokens=32, no_repeat_ngram_size=3)
 
     def prompt(self, record: Record) -> str:
         return " what does the image describe?"
@@ -119,7 +106,7 @@ class ClassifyTask(Task):
     name: str = "classify"
     needs_image: bool = True
     metrics: tuple[str, ...] = ("accuracy",)
-    decoding: Decoding = Decoding(beam=1, max_len=64, constrained=True, score_candidates=True)
+    decoding: Decoding = Decoding(mode="score", beam=1, max_new_tokens=64)
 
     def prompt(self, record: Record) -> str:
         return " what does the image describe?"
@@ -132,7 +119,7 @@ class NLITask(Task):
     name: str = "nli"
     text_fields: tuple[str, ...] = ("sentence1", "sentence2")
     metrics: tuple[str, ...] = ("accuracy",)
-    decoding: Decoding = Decoding(beam=1, max_len=4, constrained=True, score_candidates=True)
+    decoding: Decoding = Decoding(mode="score", beam=1, max_new_tokens=4)
 
     def prompt(self, record: Record) -> str:
         s1, s2 = (normalize_whitespace(record.text[k].lower()) for k in ("sentence1", "sentence2"))
@@ -149,7 +136,7 @@ class SummarizeTask(Task):
     name: str = "summarize"
     text_fields: tuple[str, ...] = ("source",)
     metrics: tuple[str, ...] = ("rouge_1", "rouge_2", "rouge_l")
-    decoding: Decoding = Decoding(beam=5, max_len=128, lenpen=0.7, no_repeat_ngram=3)
+    decoding: Decoding = Decoding(beam=5, max_new_tokens=128, length_penalty=0.7, no_repeat_ngram_size=3)
 
     def prompt(self, record: Record) -> str:
         return f' what is the summary of article " {normalize_whitespace(record.text["source"])} "?'
@@ -167,7 +154,7 @@ class QATask(Task):
     name: str = "qa"
     text_fields: tuple[str, ...] = ("question", "context")
     metrics: tuple[str, ...] = ("accuracy", "macro_f1")
-    decoding: Decoding = Decoding(beam=1, max_len=4, constrained=True, score_candidates=True)
+    decoding: Decoding = Decoding(mode="score", beam=1, max_new_tokens=4)
 
     def prompt(self, record: Record) -> str:
         question, context = (normalize_whitespace(record.text[k].lower()) for k in ("question", "context"))

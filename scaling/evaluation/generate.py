@@ -24,39 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from scaling.config import Decoding
 from scaling.data.records import Record
 from scaling.data.tasks import Task
-
-MODES = ("generate", "constrained", "score")
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How predictions are produced (the evaluation part of the config that changes the numbers)."""
-
-    mode: str = "generate"
-    beam: int = 1
-    max_new_tokens: int = 16
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    score_chunk: int = 64
-    """(sample, candidate) pairs per teacher-forced forward pass in score mode."""
-    score_normalize: str = "trie"
-    """score mode: 'trie' renormalises each step's distribution over the tokens the trie allows (OFA), 'vocab' not."""
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"decoding mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.score_normalize not in ("trie", "vocab"):
-            raise ValueError(f"score_normalize must be 'trie' or 'vocab', got {self.score_normalize!r}")
-
-    def as_dict(self) -> dict:
-        """The settings that matter for this mode, for reports."""
-        keys = {"generate": ("beam", "max_new_tokens", "length_penalty", "no_repeat_ngram_size"),
-                "constrained": ("beam", "max_new_tokens", "length_penalty"),
-                "score": ("score_chunk", "score_normalize")}[self.mode]
-        return {"mode": self.mode, **{k: getattr(self, k) for k in keys}}
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Candidates and the trie

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from scaling.data.records import ImageRef, Record
 from scaling.data.tasks import get_task
 from scaling.evaluation.checkpoints import load_for_eval
 from scaling.evaluation.generate import CandidateCache, generate_batch, score_batch
-from scaling.evaluation.runner import decoding_for
 
 
 def make_record(task_name: str, text: dict[str, str], image: str | Path | None = None,
@@ -50,9 +50,9 @@ def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = 
     model, tokenizer, _ = load_for_eval(checkpoint, base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    decoding = decoding_for(task, args)
-    if decoding.mode != "generate" and not task.candidates(record):
-        decoding = decoding_for(task, EvalArgs(**{**args.__dict__, "mode": "generate"}))
+    decoding = args.decoding(task.decoding)
+    if decoding.mode != "generate" and not task.candidates(record):  # no answers to constrain to or score
+        decoding = dataclasses.replace(args, mode="generate").decoding(task.decoding)
     collator = Collator(tokenizer, model.config.image_size, model.config.max_positions, 2, prompt_type)
     sample = Sample(record.id, task.name, task.prompt(record), "", record.image)  # no answer: an empty target
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator([sample]).items()}

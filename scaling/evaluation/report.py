@@ -25,7 +25,6 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from scaling.data.records import Record
 
@@ -472,7 +471,3 @@ def render_html(report: dict) -> str:
             body += ["<h3>Samples</h3>", _samples_html(evaluation["samples"])]
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Evaluation report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ back in dataset order and checked complete and unique: N processes give exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +21,10 @@ from accelerate import Accelerator
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from scaling.config import Config, EvalArgs
+from scaling.config import Config, Decoding
 from scaling.data.records import Record
 from scaling.data.tasks import Task, get_task
-from scaling.evaluation.generate import CandidateCache, Decoding, predict_batch
+from scaling.evaluation.generate import CandidateCache, predict_batch
 from scaling.evaluation.metrics import compute_metrics, sample_hits
 from scaling.evaluation.report import (
     new_report,
@@ -37,19 +38,6 @@ from scaling.logging import get_logger
 log = get_logger(__name__)
 
 
-def decoding_for(task: Task, args: EvalArgs) -> Decoding:
-    """eval.mode=auto takes the task's BiomedGPT decoding (tasks.py); an explicit mode takes the eval.* values."""
-    if args.mode == "auto":
-        d = task.decoding
-        mode = "score" if d.score_candidates else "constrained" if d.constrained else "generate"
-        return Decoding(mode=mode, beam=d.beam, max_new_tokens=d.max_len, length_penalty=d.lenpen,
-                        no_repeat_ngram_size=d.no_repeat_ngram, score_chunk=args.score_chunk,
-                        score_normalize=args.score_normalize)
-    return Decoding(mode=args.mode, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                    length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    score_chunk=args.score_chunk, score_normalize=args.score_normalize)
-
-
 def _fallback_without_candidates(decoding: Decoding, records: Sequence[Record], task: Task, name: str,
                                  explicit: bool) -> Decoding:
     """Auto mode decodes freely when a dataset has no answer list (instruction data); an explicit mode refuses."""
@@ -60,8 +48,7 @@ def _fallback_without_candidates(decoding: Decoding, records: Sequence[Record], 
         raise ValueError(f"{name}: eval.mode={decoding.mode} needs candidate answers, but record {missing.id!r} "
                          f"({missing.source}, index {missing.index}) has none; use eval.mode=generate or auto")
     log.warning("%s: no candidate answers in the records, decoding freely instead of %s", name, decoding.mode)
-    return Decoding(mode="generate", beam=decoding.beam, max_new_tokens=decoding.max_new_tokens,
-                    length_penalty=decoding.length_penalty, no_repeat_ngram_size=decoding.no_repeat_ngram_size)
+    return dataclasses.replace(decoding, mode="generate")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,7 +131,7 @@ def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg
     mixed = sorted({r.task for r in records} - {task.name})
     if mixed:
         raise ValueError(f"{name}: one dataset must hold one task, found {task.name} and {', '.join(mixed)}")
-    decoding = _fallback_without_candidates(decoding_for(task, cfg.eval), records, task, name,
+    decoding = _fallback_without_candidates(cfg.eval.decoding(task.decoding), records, task, name,
                                             explicit=cfg.eval.mode != "auto")
     start = time.perf_counter()
     predictions = predict_records(model, tokenizer, records, task, decoding, accelerator, collator,

@@ -6,9 +6,8 @@ import logging
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from scaling.data.collate import IGNORE_INDEX, Collator, FormattedDataset, Sample, format_record
+from scaling.data.collate import IGNORE_INDEX, Collator, Sample, format_record
 from scaling.data.images import ImageTransform
 from scaling.data.instruct import CandidatePools, InstructionFormatter, write_instruction_file
 from scaling.data.sources import load_source
@@ -88,20 +87,21 @@ def test_long_prompts_and_targets_are_truncated_and_counted(tokenizer, caplog):
     assert "longer than 8 tokens" in caplog.text
 
 
-def test_formatted_dataset_feeds_a_dataloader_with_instructions_and_transformed_images(tokenizer, records):
+def test_instruction_samples_with_transformed_images_collate_and_are_redrawn_per_epoch(tokenizer, records):
     instruction = InstructionFormatter(CandidatePools.from_records(records), seed=0)
-    dataset = FormattedDataset(records, instruction=instruction, transform=ImageTransform(IMAGE_SIZE))
-    assert isinstance(dataset[0].image, torch.Tensor) and dataset[0].prompt.startswith(" ")
-    collator = Collator(tokenizer, IMAGE_SIZE, max_src_len=200, max_tgt_len=16)
-    batch = next(iter(DataLoader(dataset, batch_size=len(records), collate_fn=collator)))
+    samples, transform = [format_record(r, instruction) for r in records], ImageTransform(IMAGE_SIZE)
+    for sample in samples:  # the training batches transform images before they collate
+        if sample.image is not None:
+            sample.image = transform(sample.image)
+    assert isinstance(samples[0].image, torch.Tensor) and samples[0].prompt.startswith(" ")
+    batch = Collator(tokenizer, IMAGE_SIZE, max_src_len=200, max_tgt_len=16)(samples)
     for row, record in enumerate(records):
         expected = instruction(record)
         length = int(batch["attention_mask"][row].sum())
         assert tokenizer.decode(batch["input_ids"][row, 1:length - 1]) == expected.prompt
         answer = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert tokenizer.decode(answer[:-1]) == expected.target
-    dataset.set_epoch(1)
-    assert [dataset[i].prompt for i in range(len(records))] != [instruction(r).prompt for r in records]
+    assert [format_record(r, instruction, epoch=1).prompt for r in records] != [instruction(r).prompt for r in records]
 
 
 def test_instruction_files_are_read_back_as_prompts_as_written(tokenizer, records, tmp_path):

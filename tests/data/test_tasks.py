@@ -55,10 +55,10 @@ def test_classify_and_vqa_candidates_come_from_the_record():
 
 
 def test_decoding_defaults_follow_the_biomedgpt_scripts():
-    assert TASKS["caption"].decoding.beam == 10 and TASKS["caption"].decoding.no_repeat_ngram == 3
-    assert TASKS["summarize"].decoding.lenpen == 0.7 and TASKS["summarize"].decoding.max_len == 128
-    assert TASKS["vqa"].decoding.constrained and TASKS["vqa"].decoding.beam == 1
-    assert TASKS["classify"].decoding.score_candidates
+    assert TASKS["caption"].decoding.beam == 10 and TASKS["caption"].decoding.no_repeat_ngram_size == 3
+    assert TASKS["summarize"].decoding.length_penalty == 0.7 and TASKS["summarize"].decoding.max_new_tokens == 128
+    assert TASKS["vqa"].decoding.mode == "constrained" and TASKS["vqa"].decoding.beam == 1
+    assert TASKS["classify"].decoding.mode == "score"
     assert all(task.metrics for task in TASKS.values())
 
 

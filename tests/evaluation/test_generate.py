@@ -3,15 +3,10 @@
 import pytest
 import torch
 
+from scaling.config import Decoding
 from scaling.data.records import Record
 from scaling.data.tasks import get_task
-from scaling.evaluation.generate import (
-    CandidateCache,
-    CandidateTrie,
-    Decoding,
-    generate_batch,
-    score_batch,
-)
+from scaling.evaluation.generate import CandidateCache, CandidateTrie, generate_batch, score_batch
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
 

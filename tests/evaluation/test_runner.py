@@ -1,11 +1,13 @@
 """Decoding choice per task, the no-candidate fallback, length-ordered batches, and putting gathered predictions back
 in order."""
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator
 
-from scaling.config import Config, EvalArgs
+from scaling.config import Config, Decoding, EvalArgs
 from scaling.data.collate import Collator
 from scaling.data.instruct import instruction_formatter
 from scaling.data.records import Record
@@ -14,7 +16,6 @@ from scaling.evaluation.runner import (
     _fallback_without_candidates,
     _in_dataset_order,
     _index_loader,
-    decoding_for,
     eval_collator,
     flat_metrics,
     predict_records,
@@ -27,22 +28,28 @@ from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
                                               ("classify", "score", 1), ("nli", "score", 1),
                                               ("summarize", "generate", 5), ("qa", "score", 1)])
 def test_auto_mode_takes_biomedgpt_decoding(task, mode, beam):
-    decoding = decoding_for(get_task(task), EvalArgs(mode="auto"))
+    decoding = EvalArgs(mode="auto").decoding(get_task(task).decoding)
     assert (decoding.mode, decoding.beam) == (mode, beam)
 
 
 def test_explicit_mode_takes_eval_values():
-    decoding = decoding_for(get_task("caption"), EvalArgs(mode="generate", beam=3, max_new_tokens=7,
-                                                          no_repeat_ngram_size=2, length_penalty=0.7))
+    decoding = EvalArgs(mode="generate", beam=3, max_new_tokens=7, no_repeat_ngram_size=2,
+                        length_penalty=0.7).decoding(get_task("caption").decoding)
     assert decoding.as_dict() == {"mode": "generate", "beam": 3, "max_new_tokens": 7, "length_penalty": 0.7,
                                   "no_repeat_ngram_size": 2}
+
+
+def test_eval_keys_carry_the_decoding_names_and_auto_mode_keeps_the_score_settings():
+    assert {f.name for f in dataclasses.fields(Decoding)} <= {f.name for f in dataclasses.fields(EvalArgs)}
+    decoding = EvalArgs(mode="auto", score_chunk=8, score_normalize="vocab").decoding(get_task("nli").decoding)
+    assert decoding.as_dict() == {"mode": "score", "score_chunk": 8, "score_normalize": "vocab"}
 
 
 def test_missing_candidates_fall_back_in_auto_mode_and_fail_in_explicit_mode():
     task = get_task("vqa")
     records = [Record(id="q1", task="vqa", image=None, text={"question": "what?"}, target="x", source="f.json",
                       index=3)]
-    constrained = decoding_for(task, EvalArgs(mode="auto"))
+    constrained = EvalArgs(mode="auto").decoding(task.decoding)
     assert _fallback_without_candidates(constrained, records, task, "llava", explicit=False).mode == "generate"
     with pytest.raises(ValueError, match=r"llava: eval.mode=constrained needs candidate answers.*'q1'.*index 3"):
         _fallback_without_candidates(constrained, records, task, "llava", explicit=True)
@@ -92,7 +99,8 @@ def test_prev_output_batches_follow_prompt_length_and_predictions_keep_dataset_o
     assert sorted(i for b in batches for i in b) == list(range(12))
     assert [len({lengths[i] for i in b}) for b in batches] == [1, 1, 1]  # one prefix length, one decoding call each
 
-    task, decoding = get_task("vqa"), decoding_for(get_task("vqa"), EvalArgs(mode="constrained"))
+    task = get_task("vqa")
+    decoding = EvalArgs(mode="constrained").decoding(task.decoding)
     predicted = predict_records(model, tokenizer, records, task, decoding, Accelerator(cpu=True), collator, 4,
                                 progress=False)
     alone = [predict_records(model, tokenizer, [r], task, decoding, Accelerator(cpu=True), collator, 1,
