@@ -44,7 +44,7 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from scaling.training.memory import estimate_memory, estimate_table, fit, fit_table, parse_size
+    from scaling.training.memory_estimate import estimate_memory, estimate_table, fit, fit_table, parse_size
 
     try:
         if args.fit:

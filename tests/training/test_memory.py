@@ -15,22 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from memory_probes import TensorMemoryTracker, current_memory, zero_model_state_bytes
 
 from scaling.cli import main as cli_main
 from scaling.models.biomedgpt.configuration import BiomedGPTConfig
 from scaling.models.biomedgpt.modeling import BiomedGPTForConditionalGeneration
-from scaling.training.memory import (
+from scaling.training.memory import peak_memory, reset_peak_memory
+from scaling.training.memory_estimate import (
     ParameterCount,
-    TensorMemoryTracker,
     activation_bytes,
     count_parameters,
-    current_memory,
     estimate_memory,
     fit,
     model_state_bytes,
     parse_size,
-    peak_memory,
-    reset_peak_memory,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +208,6 @@ def zero_worker(out_dir: Path) -> None:
     """Two optimizer steps of the test preset under the launched DeepSpeed config; write this rank's model states."""
     from scaling.config import load_config
     from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
-    from scaling.training.memory import zero_model_state_bytes
     from scaling.training.optim import build_optimizer
 
     cfg = load_config(None, [f"train.output_dir={out_dir}", "train.batch_size=2", "train.mixed_precision=bf16"])
