@@ -19,7 +19,14 @@ from pathlib import Path
 
 from scaling.config import Config, ConfigError, Runtime, parse_cli
 from scaling.data.instruct import instruction_formatter
-from scaling.data.loading import evaluation_sources, load_sources, option_records, require_records, training_sources
+from scaling.data.loading import (
+    evaluation_sources,
+    load_sources,
+    missing_paths,
+    option_records,
+    require_records,
+    training_sources,
+)
 from scaling.evaluation.checkpoints import CheckpointNotFound, find_model_dirs, load_for_eval
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
 from scaling.logging import get_logger, setup_logging
@@ -34,16 +41,17 @@ def output_dir(cfg: Config) -> Path:
 
 
 def checkpoints_to_evaluate(cfg: Config) -> list[str]:
-    """eval.checkpoints, else model.checkpoint, else the run's own export; every one checked before any work."""
+    """eval.checkpoints, else model.checkpoint, else the run's own export; every one (and every evaluation dataset
+    path) checked before any work, all problems at once."""
     paths = cfg.eval.checkpoints or [cfg.model.checkpoint or str(Path(cfg.train.output_dir) / "export")]
-    problems = []
+    problems = missing_paths(cfg.data.eval_sources)
     for path in paths:
         try:
             find_model_dirs(path, cfg.eval.base_checkpoint)
         except CheckpointNotFound as error:
             problems.append(str(error))
     if problems:
-        raise ConfigError(problems, "eval.checkpoints")
+        raise ConfigError(problems, "eval.checkpoints / data.eval_sources")
     return paths
 
 

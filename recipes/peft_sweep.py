@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from scaling.adapters import count_trainable, save_adapter
 from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config, sweep_row
 from scaling.data.instruct import instruction_formatter
-from scaling.data.loading import SourceSplit, all_records, load_sources, records_by_label, training_sources
+from scaling.data.loading import SourceSplit, all_records, load_sources, training_sources
 from scaling.evaluation.runner import eval_collator, evaluate_model
 from scaling.logging import get_logger, setup_logging
 from scaling.sweep import DEFAULT_GRID, table_row, write_table
@@ -35,6 +35,7 @@ from scaling.training.distributed import build_accelerator
 from scaling.training.loop import train
 from scaling.training.memory import peak_memory, reset_peak_memory
 from scaling.training.run import build_model, build_tokenizer, prepare_for_training, run_recipe
+from scaling.training.tracking import finish_trackers, read_metrics
 
 log = get_logger("recipes.peft_sweep")
 
@@ -120,7 +121,7 @@ def pretrain_base(cfg: Config, tokenizer, train_data: list[SourceSplit]) -> Path
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(base_dir)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return base_dir
 
 
@@ -133,16 +134,14 @@ def run_row(label: str, cfg: Config, tokenizer, data: SweepData) -> dict:
                      accelerator.is_main_process)
     formatter = instruction_formatter(cfg, all_records(data.vqa_train))
     collator = eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config, formatter)
-    scores = evaluate_model(model, tokenizer, records_by_label(data.vqa_test), cfg, accelerator,
+    scores = evaluate_model(model, tokenizer, data.vqa_test, cfg, accelerator,
                             Path(cfg.train.output_dir) / "eval", collator, name=label)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     accelerator.free_memory(model)
     return table_row(cfg, counts, memory, scores, final_loss(cfg), time.perf_counter() - start)
 
 
 def final_loss(cfg: Config) -> float | None:
-    from scaling.training.tracking import read_metrics
-
     losses = [r["loss"] for r in read_metrics(cfg.train.output_dir) if "loss" in r]
     return losses[-1] if losses else None
 
@@ -176,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             paths = write_table(table, out_dir)
     if accelerator.is_main_process:
         log.info("table: %s\n%s", paths["md"], paths["md"].read_text())
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,12 @@ def evaluation_sources(cfg: Config, training: list[SourceArgs]) -> list[SourceAr
     return [dataclasses.replace(s, split="test") for s in training if "test" in get_source(s.name).splits]
 
 
+def missing_paths(sources: list[SourceArgs]) -> list[str]:
+    """A problem line per source whose dataset path does not exist (to report with the other config problems)."""
+    return [f"data source {s.name!r}: {s.path} does not exist; pass the folder (or file) of the dataset release"
+            for s in sources if s.path is not None and not Path(s.path).exists()]
+
+
 def load_sources(sources: list[SourceArgs], data: DataArgs, max_samples: int | None = None) -> list[SourceSplit]:
     """Each source's split (its `split` field), at most `max_samples` records each; skipped records are logged."""
     out: list[SourceSplit] = []

@@ -1,7 +1,7 @@
 """Evaluate a model on datasets of records, sharded across ranks, and write the report.
 
-    metrics = evaluate_model(model, tokenizer, records, cfg, accelerator, out_dir)   # training recipes call this
-    metrics["vqa/closed_accuracy"], metrics["vqa/open_accuracy"]
+    metrics = evaluate_model(model, tokenizer, held_out, cfg, accelerator, out_dir, collator)  # training recipes
+    metrics["vqa_rad/test/closed_accuracy"], metrics["vqa_rad/test/open_accuracy"]
 
 Samples are split across processes by accelerate's sharded DataLoader; the last batch is padded with repeated
 samples so every rank runs the same number of batches (ZeRO-3 needs every forward on every rank), and
@@ -22,6 +22,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 
 from scaling.config import Config, Decoding
+from scaling.data.loading import SourceSplit
 from scaling.data.records import Record
 from scaling.data.tasks import Task, get_task
 from scaling.evaluation.generate import CandidateCache, predict_batch
@@ -162,14 +163,6 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def group_by_task(records: Sequence[Record]) -> dict[str, list[Record]]:
-    """{task: records}, in order of first appearance."""
-    groups: dict[str, list[Record]] = {}
-    for record in records:
-        groups.setdefault(record.task, []).append(record)
-    return groups
-
-
 def model_info(model, name: str, path: str | None = None, fingerprint: str | None = None) -> dict:
     """The checkpoint entry of a report; parameters counted as stored (ZeRO-3 shards report their full size)."""
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -207,20 +200,18 @@ def flat_metrics(evaluations: list[dict]) -> dict[str, float]:
     return out
 
 
-def evaluate_model(model, tokenizer, records: Sequence[Record] | dict[str, Sequence[Record]], cfg: Config,
-                   accelerator: Accelerator, out_dir: str | Path, collator, name: str | None = None) -> dict:
-    """Evaluate an (already prepared) model on records of one or several tasks, write the report into `out_dir`.
+def evaluate_model(model, tokenizer, datasets: Sequence[SourceSplit], cfg: Config, accelerator: Accelerator,
+                   out_dir: str | Path, collator, name: str | None = None) -> dict:
+    """Evaluate an (already prepared) model on held-out datasets, write the report into `out_dir`.
 
-    `records` is a list (grouped by task, each group named after its task) or {dataset name: records}; `collator`
-    is `eval_collator(...)` with the prompts the model was trained on. Every rank must call this; the returned
-    metrics are complete on the main process ({} elsewhere).
+    `collator` is `eval_collator(...)` with the prompts the model was trained on. Every rank must call this; the
+    returned metrics are complete on the main process ({} elsewhere).
     """
     start = time.perf_counter()
-    datasets = dict(records) if isinstance(records, dict) else group_by_task(records)
     checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
                             cfg.model.checkpoint)
-    evaluations = [evaluate_dataset(model, tokenizer, list(recs), dataset, cfg, accelerator, collator, checkpoint,
-                                    out_dir) for dataset, recs in datasets.items() if recs]
+    evaluations = [evaluate_dataset(model, tokenizer, split.records, split.label, cfg, accelerator, collator,
+                                    checkpoint, out_dir, split.describe()) for split in datasets]
     finish_report(evaluations, cfg, accelerator, out_dir, time.perf_counter() - start)
     return flat_metrics(evaluations)
 

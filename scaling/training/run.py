@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config
 from scaling.data.images import ImageError
-from scaling.data.loading import SourceSplit, records_by_label
+from scaling.data.loading import SourceSplit
 from scaling.data.records import DataError
 from scaling.logging import get_logger, setup_logging
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
@@ -228,5 +228,5 @@ def evaluate_after_training(cfg: Config, accelerator, model, tokenizer, held_out
 
     collator = eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config, formatter)
     model.eval()
-    return evaluate_model(model, tokenizer, records_by_label(held_out), cfg, accelerator,
+    return evaluate_model(model, tokenizer, held_out, cfg, accelerator,
                           Path(cfg.train.output_dir) / "eval", collator=collator, name=Path(cfg.train.output_dir).name)

@@ -138,3 +138,10 @@ def plot_loss(run_dir: str | os.PathLike, out_name: str = "loss.png") -> Path | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def finish_trackers(accelerator) -> None:
+    """Close this run's trackers but keep the process group, unlike `end_training` (a sweep trains several runs in
+    one launch, and DeepSpeed cannot join a second process group)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,22 @@ def test_short_sweep_writes_mile_table(tmp_path):
     assert (out / "pretrain" / "model" / "config.json").is_file()
     assert (out / "rows" / "F-LoRA-LoRA_r4" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "rows" / "F-F-PTv2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.distributed
+def test_sweep_trains_under_zero2_with_two_processes_in_bf16(tmp_path):
+    """The sweep's rows take the library's prepare (with DeepSpeed's buffer cast) and keep the process group."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", "2", "--main_process_port",
+           str(random.Random().randint(20000, 40000)), str(ROOT / "recipes" / "peft_sweep.py"), "--config",
+           str(CONFIG), f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "model.preset=test",
+           "model.image_size=32", "data.synthetic_images=40", "train.max_steps=3", "train.batch_size=4",
+           "train.mixed_precision=bf16", "peft.sweep_pretrain_steps=2", "peft.sweep=[T-T-T, F-LoRA-LoRA:4]",
+           "eval.max_samples=12", "eval.batch_size=12"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    rows = json.loads((out / "peft_sweep.json").read_text())
+    assert [r["label"] for r in rows] == ["T-T-T", "F-LoRA-LoRA:4"]
+    assert all(r["final_loss"] > 0 and r["global"] is not None for r in rows)
+    assert "ZeRO stage 2" in done.stdout + done.stderr
