@@ -11,10 +11,8 @@ a "did you mean" suggestion; values are checked against the field's type before 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
-import inspect
 import os
 import types
 import typing
@@ -684,14 +682,3 @@ def save_config(cfg: Config, run_dir: str | os.PathLike) -> Path:
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(path)
     return path
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field, for help texts."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
-    return docs

@@ -1,9 +1,12 @@
 """The typed config: YAML + overrides, unknown keys, type checks, all problems at once, the resolved file."""
 
+import ast
+import inspect
+
 import pytest
 import yaml
 
-from scaling.config import Config, ConfigError, Runtime, TrainArgs, field_docs, load_config, parse_cli, save_config
+from scaling.config import Config, ConfigError, Runtime, TrainArgs, load_config, parse_cli, save_config
 
 
 def test_defaults_are_valid():
@@ -85,6 +88,17 @@ def test_resolved_config_written_and_reloadable(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     assert path.name == "config.yaml"
     assert load_config(path) == cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
 
 
 def test_every_field_is_documented():

@@ -1,6 +1,7 @@
 """Convert fairseq (OFA / BiomedGPT `.pt`) and OFA-HF-port (`pytorch_model.bin`) checkpoints to a BiomedGPT directory.
 
-Key map, applied to whole dot-separated name segments (reference/biomedgpt_ofa.md §2.7):
+Key map, applied to whole dot-separated name segments (fairseq names: OFA-Sys/OFA `models/ofa/unify_transformer_layer.py`;
+HF-port names: OFA's `feature/add_transformers` branch, `modeling_ofa.py`):
 
     fairseq                              HF port                        ours (`model.` + HF-port name)
     encoder.layers.i.attn_ln             self_attn_mid_layer_norm       model.encoder.layers.i.self_attn_mid_layer_norm
@@ -74,7 +75,6 @@ FAIRSEQ_SEGMENTS = {
     "encoder_attn": "cross_attn",
     "encoder_attn_layer_norm": "cross_attn_layer_norm",
 }
-OURS_TO_FAIRSEQ = {ours: fairseq for fairseq, ours in FAIRSEQ_SEGMENTS.items() if fairseq != "attn_ln"}
 VERSION_KEYS = ("encoder.version", "decoder.version")
 BUCKET_BUFFERS = (
     "encoder.token_rp_bucket",
@@ -132,14 +132,6 @@ def our_key(key: str) -> str:
     """Map a fairseq or HF-port key (or one of ours) to our parameter name."""
     key = key.removeprefix("model.")
     return "model." + ".".join(FAIRSEQ_SEGMENTS.get(segment, segment) for segment in key.split("."))
-
-
-def fairseq_key(key: str) -> str:
-    """Map one of our parameter names back to its fairseq name (the inverse of `our_key` on fairseq keys)."""
-    key = key.removeprefix("model.")
-    mid_norm = "attn_ln" if key.startswith("encoder.") else "self_attn_ln"
-    segments = [mid_norm if s == "self_attn_mid_layer_norm" else OURS_TO_FAIRSEQ.get(s, s) for s in key.split(".")]
-    return ".".join(segments)
 
 
 def source_format(state_dict: dict) -> str:

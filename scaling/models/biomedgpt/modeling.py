@@ -1,7 +1,7 @@
 """BiomedGPT / OFA encoder-decoder as a transformers `PreTrainedModel` + `GenerationMixin`.
 
-Architecture (OFA-Sys/OFA `models/ofa/unify_transformer*.py`, `unify_multihead_attention.py`; see
-reference/biomedgpt_ofa.md §2): a ResNet turns the image into a 16x-downsampled grid of patch tokens that sit *before*
+Architecture (OFA-Sys/OFA `models/ofa/unify_transformer*.py`, `unify_multihead_attention.py`, `resnet.py`; BiomedGPT
+uses the same code): a ResNet turns the image into a 16x-downsampled grid of patch tokens that sit *before*
 the text tokens; absolute positions never enter the hidden states but only the attention logits, as a bias
 `(LN(pos) W_q)(LN(pos) W_k)^T` computed once per forward, plus per-layer learned relative-position tables (token
 buckets for text, 2-D buckets for the image grid). Pre-LN NormFormer layers with `c_attn` head scaling, attention

@@ -20,12 +20,12 @@ from scaling.models.biomedgpt.checkpoint_config import (
     NORMFORMER_FLAGS,
 )
 from scaling.models.biomedgpt.convert import (
+    FAIRSEQ_SEGMENTS,
     ConversionError,
     check_buffers,
     convert_checkpoint,
     convert_state_dict,
     dummy_batch,
-    fairseq_key,
     our_key,
     read_checkpoint,
 )
@@ -134,10 +134,20 @@ def assert_same_model(converted, reference):
         assert torch.equal(converted(**batch).logits, reference(**batch).logits)
 
 
+OURS_TO_FAIRSEQ = {ours: fairseq for fairseq, ours in FAIRSEQ_SEGMENTS.items() if fairseq != "attn_ln"}
+
+
+def fairseq_key(key: str) -> str:
+    """One of our parameter names as fairseq names it (the inverse of `our_key` on fairseq keys)."""
+    key = key.removeprefix("model.")
+    mid_norm = "attn_ln" if key.startswith("encoder.") else "self_attn_ln"
+    return ".".join(mid_norm if s == "self_attn_mid_layer_norm" else OURS_TO_FAIRSEQ.get(s, s) for s in key.split("."))
+
+
 # --- tests -------------------------------------------------------------------------------------------------------
 
 
-# HF-port keys as listed in reference/biomedgpt_ofa.md §2.7 (layer 0), independent of the model's code
+# HF-port keys as OFA's transformers port names them (layer 0), independent of the model's code
 HF_PORT_KEYS = [
     "encoder.embed_tokens.weight",
     "encoder.type_embedding.weight",
