@@ -626,6 +626,7 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> tuple[boo
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where, problems) if len(inner) == 1 else (True, value)
     if origin is Literal:
+        value = _boolean_as_word(value, args)
         if value in args:
             return True, value
         problems.append(f"{where} must be one of {', '.join(map(str, args))}; got {value!r}")
@@ -646,6 +647,19 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> tuple[boo
     if hint is Any:
         return True, value
     return _coerce_scalar(value, hint, where, problems)
+
+
+_BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _boolean_as_word(value: Any, choices: tuple) -> Any:
+    """YAML 1.1 reads no/off/yes/on as booleans; for a choice among words (train.mixed_precision=no) take the word
+    back."""
+    if isinstance(value, bool):
+        words = [word for word in _BOOLEAN_WORDS[value] if word in choices]
+        if len(words) == 1:
+            return words[0]
+    return value
 
 
 def _coerce_scalar(value: Any, hint: type, where: str, problems: list[str]) -> tuple[bool, Any]:

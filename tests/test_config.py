@@ -38,6 +38,17 @@ def test_command_line_overrides_on_either_side_of_config(tmp_path):
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr) == (7, 8, 3e-4)
 
 
+def test_yaml_boolean_words_are_accepted_as_choices(tmp_path):
+    """YAML reads `no` as False: a word choice gets its word back, on the command line and in files alike."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of no, bf16, fp16; got True"):
+        load_config(None, ["train.mixed_precision=yes"])
+    assert load_config(None, ["train.compile=no"]).train.compile is False  # booleans stay booleans
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'; did you mean 'train.lr'\?"):
         load_config(None, ["train.lrr=1e-4"])
