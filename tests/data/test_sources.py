@@ -34,8 +34,11 @@ def test_vqa_rad_real_release(vqa_rad_real: Path):
     assert len({r.id for r in records}) == 2248
     assert len(records[0].candidates) == 517  # BiomedGPT's VQA-RAD trainval ans2label has 517 answers
     assert {r.attributes["organ"] for r in records} == {"HEAD", "CHEST", "ABD"}
-    assert {r.attributes["category"] for r in records} == {"MODALITY", "PLANE", "ORGAN", "ABN", "PRES", "POS",
-                                                          "COLOR", "SIZE", "ATTRIB", "COUNT", "OTHER"}
+    categories = {c.strip() for r in records for c in r.attributes["category"].split(",")}
+    assert categories == {"MODALITY", "PLANE", "ORGAN", "ABN", "PRES", "POS", "COLOR", "SIZE", "ATTRIB", "COUNT",
+                          "OTHER"}
+    several = [r for r in records if len(r.attributes["question_types"]) > 1]  # e.g. "PRES, POS": counted under each
+    assert several and all(r.attributes["category"] == ", ".join(r.attributes["question_types"]) for r in several)
     assert all(TASKS["vqa"].target(r).strip() in r.candidates for r in records)
 
 
@@ -55,7 +58,7 @@ def test_pubmedqa_real_release(pubmedqa_real: Path):
 def test_vqa_rad_fixture_normalises_types_and_categories(vqa_rad_fixture: Path):
     train = load_source("vqa_rad", vqa_rad_fixture, "train").records
     assert [r.answer_type for r in train] == ["CLOSED", "OPEN", "CLOSED"]
-    assert [r.attributes["category"] for r in train] == ["PRES", "COUNT", "ATTRIB"]
+    assert [r.attributes["category"] for r in train] == ["PRES", "COUNT, PRES", "ATTRIB"]
     assert train[1].target == "2" and train[0].text["question"] == "Is the brain normal?"
     assert train[0].candidates == ["2", "pa", "yes"]  # train and test answers, normalised
     assert [r.id for r in load_source("vqa_rad", vqa_rad_fixture / "VQA_RAD Dataset Public.json", "test").records] == ["3"]
@@ -74,7 +77,8 @@ def test_slake_language_filter_counts_other_languages(tmp_path: Path, make_image
     english = load_source("slake", tmp_path, "train")
     assert [r.id for r in english.records] == ["1"] and english.skipped == Counter({"q_lang not en": 1})
     assert english.records[0].candidates == ["lung", "yes"]
-    assert english.records[0].attributes == {"organ": "Lung", "modality": "CT", "category": "Organ", "q_lang": "en"}
+    assert english.records[0].attributes == {"organ": "Lung", "modality": "CT", "category": "Organ", "q_lang": "en",
+                                             "candidates_from": "answers of the train+validation splits"}
     assert [r.target for r in load_source("slake", tmp_path, "train", q_lang="zh").records] == ["是"]
     assert len(load_source("slake", tmp_path, "train", q_lang="all").records) == 2
     assert load_source("slake", tmp_path, "validation").records[0].answer_type == "OPEN"
@@ -96,7 +100,7 @@ def test_pathvqa_pickle_release(tmp_path: Path, make_image):
     records = load_source("pathvqa", tmp_path, "train").records
     assert [(r.id, r.target, r.answer_type) for r in records] == [("10", "yes", "CLOSED"),
                                                                    ("11", "granuloma", "OPEN")]
-    assert records[0].candidates == ["granuloma", "necrosis", "yes"]
+    assert records[0].candidates == ["granuloma", "yes"]  # train (+ validation) answers: never the test split's
     assert records[0].image.path == tmp_path / "images" / "train" / "train_0001.jpg"
 
 

@@ -51,7 +51,7 @@ def load(path: Path, split: str, out: RecordCollector, task: str | None = None, 
                 raise BadRecord("wrong column count", "<line>", f"write the {task} columns {', '.join(COLUMNS[task])}",
                                 detail=f"{len(cells)} columns instead of {len(COLUMNS[task])}")
             out.add(PARSERS[task](dict(zip(COLUMNS[task], cells, strict=True)), f"{file.stem}-{index}", file, index))
-    add_candidates(out.records, task, ans2label)
+    add_candidates(out.records, task, ans2label, path)
 
 
 def decode_image(cell: str) -> ImageRef:
@@ -139,20 +139,45 @@ PARSERS = {"vqa": parse_vqa, "caption": parse_caption, "classify": parse_classif
            "summarize": parse_summarize, "qa": parse_qa}
 
 
-def add_candidates(records: list[Record], task: str, ans2label: str | None) -> None:
-    """VQA: answers of ans2label (BiomedGPT's answer→index pkl/json) or of this file; classify: class names."""
+def add_candidates(records: list[Record], task: str, ans2label: str | None, path: Path) -> None:
+    """VQA: the answers of ans2label (BiomedGPT's answer→index pkl/json), else of the folder's train and validation
+    TSVs (BiomedGPT's trainval answers), else of the file read; classify: the class names in the file."""
     if task == "vqa":
-        if ans2label:
-            table = safe_load_pickle(Path(ans2label)) if ans2label.endswith(".pkl") else read_json(Path(ans2label))
-            candidates = sorted({normalize_answer(a) for a in table})
-        else:
-            candidates = sorted({normalize_answer(a) for r in records for a in r.targets})
+        candidates, origin = vqa_candidates(records, ans2label, path)
     elif task == "classify":
         candidates = [name for _, name in sorted({(r.attributes["label"], r.target) for r in records})]
+        origin = "class names found in the file read"
     else:
         return
     for record in records:
         record.candidates = candidates
+        record.attributes["candidates_from"] = origin
+
+
+def vqa_candidates(records: list[Record], ans2label: str | None, path: Path) -> tuple[list[str], str]:
+    """(normalised candidate answers, where they come from)."""
+    if ans2label:
+        table = safe_load_pickle(Path(ans2label)) if ans2label.endswith(".pkl") else read_json(Path(ans2label))
+        return sorted({normalize_answer(a) for a in table}), f"answers of {Path(ans2label).name}"
+    files = [f for split in ("train", "validation") for f in [path / n for n in SPLIT_FILES[split]] if f.is_file()]
+    if path.is_dir() and files:
+        answers = {normalize_answer(a) for f in files for a in tsv_answers(f)}
+        return sorted(answers), f"answers of {'+'.join(f.name for f in files)}"
+    return (sorted({normalize_answer(a) for r in records for a in r.targets}),
+            "answers of the file read itself (its own references are among them; pass ans2label)")
+
+
+def tsv_answers(file: Path) -> list[str]:
+    """The answers column of a VQA TSV, without decoding its images; unreadable rows give none."""
+    answers = []
+    for _, raw in iter_lines(file):
+        cells = raw.split(b"\t")
+        if len(cells) == len(COLUMNS["vqa"]):
+            try:
+                answers += [a for a, _ in parse_answers(decode_line(cells[3]))]
+            except BadRecord:
+                continue
+    return answers
 
 
 def write(records: list[Record], file: Path) -> int:

@@ -122,3 +122,19 @@ def image_verdict(image: ImageRef, max_pixels: int) -> BadRecord | None:
     except ImageError as error:
         return BadRecord("unreadable image", "image", "re-export or remove the image", detail=str(error))
     return None
+
+
+def chosen_candidate_splits(chosen: str | list[str] | None, default: tuple[str, ...], available: tuple[str, ...],
+                     source: str) -> tuple[str, ...]:
+    """The splits whose answers make a VQA source's candidate list: the `candidate_splits` option, else the published
+    protocol's `default`; a wrong split name is a DataError naming the choices."""
+    splits = default if chosen is None else tuple([chosen] if isinstance(chosen, str) else chosen)
+    if not splits or any(s not in available for s in splits):
+        raise DataError(f"source {source!r}: candidate_splits {list(splits)} must name one or more of "
+                        f"{', '.join(available)}")
+    return splits
+
+
+def candidates_origin(splits: tuple[str, ...]) -> str:
+    """How a report names the candidate list's origin, e.g. 'answers of the train+test splits'."""
+    return f"answers of the {'+'.join(splits)} split{'s' if len(splits) > 1 else ''}"

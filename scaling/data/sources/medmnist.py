@@ -75,7 +75,8 @@ def make_record(pixels: np.ndarray, label: int, index: int, flag: str, split: st
         raise BadRecord("unknown label", "labels", f"labels must be 0..{len(names) - 1} for {flag}",
                         detail=f"got {label}")
     return Record(id=f"{flag}-{split}-{index}", task=TASK, image=ImageRef(data=encode_png(pixels)), text={},
-                  target=names[label], candidates=names, attributes={"dataset": flag, "label": label},
+                  target=names[label], candidates=names,
+                  attributes={"dataset": flag, "label": label, "candidates_from": f"the {flag} class names"},
                   source=str(file), index=index)
 
 

@@ -3,7 +3,8 @@
 The pickles are lists of dicts (`img_id, question_id, sent, label` with label = {answer: score}); they are read
 with an unpickler that refuses every global except plain builtin containers, so a crafted file cannot run code.
 The JSON export is a list of `{"image", "question", "answer"}` per split. Yes/no answers are CLOSED, others OPEN;
-the category is the release's answer_type ('yes/no' or 'other').
+the category is the release's answer_type ('yes/no' or 'other'). Candidates = the answers of `candidate_splits`; by
+default train and validation, as BiomedGPT's PathVQA trainval ans2label.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import pickle
 from pathlib import Path
 
 from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, require_text
-from scaling.data.sources.common import as_row, find_split_file, read_json
+from scaling.data.sources.common import (
+    as_row,
+    candidates_origin,
+    chosen_candidate_splits,
+    find_split_file,
+    read_json,
+)
 from scaling.data.sources.vqa_rad import answer_set
 
 NAME = "pathvqa"
@@ -22,6 +29,7 @@ SPLITS = ("train", "validation", "test")
 NATIVE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 SPLIT_FILES = {split: [f"qas/{native}_vqa.pkl", f"qas/{native}.json", f"{native}.json", f"{native}_vqa.json"]
                for split, native in NATIVE_SPLIT.items()}
+CANDIDATE_SPLITS = ("train", "validation")
 _SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool"}
 
 
@@ -50,17 +58,18 @@ def read_rows(file: Path) -> list:
     return rows
 
 
-def load(path: Path, split: str, out: RecordCollector) -> None:
+def load(path: Path, split: str, out: RecordCollector, candidate_splits: list[str] | None = None) -> None:
     """Reads one split; `path` is the PathVQA folder holding qas/ and images/."""
     file = find_split_file(path, split, SPLIT_FILES, NAME)
-    candidates = answer_set([{"answer": a} for rows in all_splits(path) for a in map(safe_answer, rows) if a])
+    splits = chosen_candidate_splits(candidate_splits, CANDIDATE_SPLITS, SPLITS, NAME)
+    candidates = answer_set([{"answer": a} for rows in split_rows(path, splits) for a in map(safe_answer, rows) if a])
     image_root = path / "images" / NATIVE_SPLIT[split]
     for index, row in enumerate(read_rows(file)):
         with out.reading(file, index):
-            out.add(make_record(as_row(row), index, file, image_root, candidates))
+            out.add(make_record(as_row(row), index, file, image_root, candidates, candidates_origin(splits)))
 
 
-def make_record(row: dict, index: int, file: Path, image_root: Path, candidates: list[str]) -> Record:
+def make_record(row: dict, index: int, file: Path, image_root: Path, candidates: list[str], origin: str) -> Record:
     image_id = require_text(row, "img_id" if "img_id" in row else "image", "name the image of every question")
     answer = first_answer(row)
     return Record(
@@ -72,7 +81,7 @@ def make_record(row: dict, index: int, file: Path, image_root: Path, candidates:
         candidates=candidates,
         answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN",
         attributes={"category": row.get("answer_type") or ("yes/no" if answer.lower() in ("yes", "no") else "other"),
-                    "question_type": row.get("question_type")},
+                    "question_type": row.get("question_type"), "candidates_from": origin},
         source=str(file),
         index=index,
     )
@@ -95,11 +104,11 @@ def safe_answer(row) -> str | None:
         return None
 
 
-def all_splits(path: Path) -> list[list]:
-    """The rows of every split file present, for the candidate answer set."""
+def split_rows(path: Path, splits: tuple[str, ...]) -> list[list]:
+    """The rows of the given splits' files present, for the candidate answer set."""
     found = []
-    for names in SPLIT_FILES.values():
-        file = next((path / n for n in names if (path / n).is_file()), None)
+    for split in splits:
+        file = next((path / n for n in SPLIT_FILES[split] if (path / n).is_file()), None)
         if file is not None:
             found.append(read_rows(file))
     return found
