@@ -85,11 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     evaluations = []
     for path in checkpoints:
         model, tokenizer, info = load_for_eval(path, cfg.eval.base_checkpoint)
-        collator = eval_collator(tokenizer, cfg, model.config, formatter)
+        collator = eval_collator(tokenizer, cfg, model.config, formatter, info)  # the prompts the export records
         model = prepare_model(model, accelerator, cfg)
         for split in held_out:
-            evaluations.append(evaluate_dataset(model, tokenizer, split.records, split.label, cfg, accelerator,
-                                                collator, info, out_dir, split.describe()))
+            evaluations.append(evaluate_dataset(model, tokenizer, split, cfg, accelerator, collator, info, out_dir))
         del model
         accelerator.free_memory()
         gc.collect()

@@ -159,30 +159,30 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="article to summarize (summarize)")
     p.add_argument("--context", help="passage the question is about (qa)")
     p.add_argument("--candidates", help="comma-separated answers to constrain or score over (vqa, classify)")
-    p.add_argument("--mode", default="auto", choices=("auto", "generate", "constrained", "score"),
-                   help="auto: the task's BiomedGPT decoding")
-    p.add_argument("--beam", type=int, default=1, help="beam size (generate/constrained modes)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompt-type", default="none", choices=("none", "prev_output"),
-                   help="the decoder prompt layout the checkpoint was trained with")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (with candidate scores)")
+    p.add_argument("--mode", choices=("auto", "generate", "constrained", "score"),
+                   help="default: the export's eval.mode (inference.json), else auto (the task's BiomedGPT decoding)")
+    p.add_argument("--beam", type=int, help="beam size of an explicit mode (default: the export's)")
+    p.add_argument("--max-new-tokens", type=int, help="answer tokens before EOS of an explicit mode (default: the "
+                                                       "export's)")
+    p.add_argument("--prompt-type", choices=("none", "prev_output"),
+                   help="decoder prompt layout (default: the one the export was trained with, else prev_output)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (prompt, settings, candidate scores)")
     p.set_defaults(func=_run_infer)
 
 
 def _run_infer(args: argparse.Namespace) -> int:
     import json
 
-    from scaling.config import EvalArgs
     from scaling.evaluation.checkpoints import CheckpointNotFound
     from scaling.evaluation.infer import infer
 
     fields = {"question": args.question, "sentence1": args.text1, "sentence2": args.text2, "source": args.text,
               "context": args.context}
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
-    eval_args = EvalArgs(mode=args.mode, beam=args.beam, max_new_tokens=args.max_new_tokens)
+    decoding = {"mode": args.mode, "beam": args.beam, "max_new_tokens": args.max_new_tokens}
     try:
         result = infer(args.checkpoint, args.task, {k: v for k, v in fields.items() if v}, args.image, candidates,
-                       eval_args, args.base_checkpoint, args.prompt_type)
+                       decoding, args.base_checkpoint, args.prompt_type)
     except (CheckpointNotFound, FileNotFoundError, ValueError) as error:
         print(f"scaling infer: {error}", file=sys.stderr)
         return 1

@@ -352,7 +352,7 @@ class Decoding:
     beam: int = 1
     """Beam size (1 = greedy)."""
     max_new_tokens: int = 16
-    """Maximum generated tokens."""
+    """Maximum answer tokens before EOS (fairseq's max_len_b; EOS may follow them, as in OFA's search)."""
     length_penalty: float = 1.0
     """Beam length penalty."""
     no_repeat_ngram_size: int = 0
@@ -399,7 +399,7 @@ class EvalArgs:
     beam: int = Decoding.beam
     """Beam size of an explicit mode (1 = greedy)."""
     max_new_tokens: int = Decoding.max_new_tokens
-    """Maximum generated tokens of an explicit mode."""
+    """Maximum answer tokens before EOS of an explicit mode (fairseq's max_len_b)."""
     length_penalty: float = Decoding.length_penalty
     """Beam length penalty of an explicit mode."""
     no_repeat_ngram_size: int = Decoding.no_repeat_ngram_size

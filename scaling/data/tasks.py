@@ -7,6 +7,7 @@ patches when there is an image.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 
@@ -14,11 +15,17 @@ from scaling.config import Decoding
 from scaling.data.records import BadRecord, Record
 
 YES_NO_MAYBE = ["yes", "no", "maybe"]
-_PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
+_PUNCTUATION_EXCEPT_DOT = re.compile("[" + re.escape(string.punctuation.replace(".", "")) + "]")
+_DOT_OUTSIDE_NUMBER = re.compile(r"(?<!\d)\.|\.(?!\d)")
 
 
 def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
+
+
+def strip_punctuation(text: str) -> str:
+    """Punctuation removed, except a dot inside a number: "x-ray, 1.5 cm." becomes "xray 1.5 cm"."""
+    return _DOT_OUTSIDE_NUMBER.sub("", _PUNCTUATION_EXCEPT_DOT.sub("", text))
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,8 @@ class Task:
     """Text fields a record must carry (non-empty)."""
     metrics: tuple[str, ...] = ()
     decoding: Decoding = Decoding()
-    """Evaluation decoding under eval.mode=auto, from BiomedGPT's evaluation scripts (max_new_tokens = max_len_b)."""
+    """Evaluation decoding under eval.mode=auto, from BiomedGPT's evaluation scripts (max_new_tokens = fairseq's
+    max_len_b: answer tokens before EOS, as both searches count them)."""
 
     def prompt(self, record: Record) -> str:
         raise NotImplementedError
@@ -95,8 +103,8 @@ class CaptionTask(Task):
         return " what does the image describe?"
 
     def target(self, record: Record) -> str:
-        # punctuation stripped as in caption_dataset; lowercased like the metric's _bioclean
-        return " " + normalize_whitespace(record.target.translate(_PUNCTUATION).lower())
+        # punctuation stripped as in caption_dataset, but decimals kept ("1.5 cm" is not "15 cm"); lowercased
+        return " " + normalize_whitespace(strip_punctuation(record.target).lower())
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,35 @@
-"""Find and load the models an evaluation compares: save_pretrained directories, run directories, PEFT adapters.
+"""Find and load the models an evaluation compares: save_pretrained directories, run directories, PEFT adapters;
+and the inference settings an export carries.
 
     model, tokenizer, info = load_for_eval("runs/large/export")
     model, tokenizer, info = load_for_eval("runs/lora/export/adapter", base="checkpoints/biomedgpt-base")
+    info["inference"]   # inference.json: prompt layout, lengths, image size, instruction templates, eval decoding
+
+An export written by a training run holds `inference.json` with what the run trained and evaluated with, so that
+`scaling infer` and recipes/evaluate.py prompt and decode the model as it was trained; a directory without one (a
+converted release) is read with the toolkit's defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
+from scaling.config import Config, ConfigError, load_config
 from scaling.evaluation.report import checkpoint_fingerprint
+from scaling.logging import get_logger
+
+log = get_logger(__name__)
 
 MODEL_FILE = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 EXPORT_DIR = "export"
+INFERENCE_FILE = "inference.json"
+RUN_CONFIG = "config.yaml"
+DECODING_KEYS = ("mode", "beam", "max_new_tokens", "length_penalty", "no_repeat_ngram_size", "score_chunk",
+                 "score_normalize")
+"""The eval.* keys an export records: how its run evaluated it (eval.mode=auto: each task's BiomedGPT decoding)."""
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -78,5 +95,61 @@ def load_for_eval(path: str | Path, base: str | Path | None = None):
     model.eval()
     parameters = sum(p.numel() for p in model.parameters())
     info = {"name": name, "path": str(directory), "base": str(model_dir) if model_dir != directory else None,
-            "fingerprint": fingerprint, "parameters": parameters}
+            "fingerprint": fingerprint, "parameters": parameters, "inference": read_inference_settings(directory)}
     return model, tokenizer, info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inference.json: what inference needs besides the weights
+
+
+def inference_settings(cfg: Config, image_size: int | None) -> dict:
+    """The settings of a run that decide what its model is asked and how it answers."""
+    from scaling.data.instruct import OPEN_WITHOUT_OPTIONS, WITH_OPTIONS
+
+    instruction = None
+    if cfg.data.instruction:  # the first template of each family; evaluation draws among them per record
+        instruction = {"with_options": WITH_OPTIONS[0], "without_options": OPEN_WITHOUT_OPTIONS[0]}
+    return {"prompt_type": cfg.data.prompt_type, "max_src_len": cfg.data.max_src_len,
+            "max_tgt_len": cfg.data.max_tgt_len, "image_size": image_size, "instruction": instruction,
+            "eval": {k: getattr(cfg.eval, k) for k in DECODING_KEYS}}
+
+
+def write_inference_settings(export_dir: str | Path, run_dir: str | Path) -> Path | None:
+    """Write `inference.json` into an export from its run's resolved config.yaml (None, logged, without one)."""
+    export_dir, run_dir = Path(export_dir), Path(run_dir)
+    try:
+        cfg = load_config(run_dir / RUN_CONFIG)
+    except ConfigError as error:
+        log.warning("%s not written into %s: %s; `scaling infer` will use the toolkit's defaults", INFERENCE_FILE,
+                    export_dir, error)
+        return None
+    model_config = export_dir / MODEL_FILE
+    image_size = json.loads(model_config.read_text())["image_size"] if model_config.is_file() else None
+    path = export_dir / INFERENCE_FILE
+    path.write_text(json.dumps(inference_settings(cfg, image_size or cfg.model.image_size), indent=2) + "\n")
+    return path
+
+
+def read_inference_settings(directory: str | Path) -> dict:
+    """An export's inference.json (its adapter's, else its base model's), or the toolkit's defaults marked
+    `"recorded": false`."""
+    directory = Path(directory)
+    for candidate in (directory, directory.parent) if is_adapter(directory) else (directory,):
+        path = candidate / INFERENCE_FILE
+        if path.is_file():
+            return {**json.loads(path.read_text()), "recorded": True, "file": str(path)}
+    return {**inference_settings(Config(), None), "recorded": False}
+
+
+def settings_config(cfg: Config, settings: dict) -> Config:
+    """`cfg` with the prompt layout and lengths an export recorded (a config that says otherwise is logged)."""
+    if not settings.get("recorded"):
+        return cfg
+    recorded = {k: settings[k] for k in ("prompt_type", "max_src_len", "max_tgt_len")}
+    differing = {k: getattr(cfg.data, k) for k, v in recorded.items() if getattr(cfg.data, k) != v}
+    if differing:
+        log.warning("%s: using the trained %s instead of the configured %s", settings["file"],
+                    ", ".join(f"{k}={recorded[k]}" for k in differing),
+                    ", ".join(f"data.{k}={v}" for k, v in differing.items()))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **recorded))

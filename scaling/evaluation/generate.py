@@ -1,7 +1,8 @@
 """Batched prediction with BiomedGPT's three evaluation modes, on one process or sharded across ranks.
 
-- generate: free decoding through `model.generate()` with the KV cache (greedy or beam, max length, length penalty,
-  no-repeat n-gram).
+- generate: free decoding through `model.generate()` with the KV cache, searching like OFA's fairseq
+  SequenceGenerator (`ofa_beam_search_kwargs`: greedy or beam, no empty answer, at most max_new_tokens answer tokens
+  and then EOS with its own log-probability, length penalty, no-repeat n-gram, finished after `beam` hypotheses).
 - constrained: the same decoding, but a `TrieConstraint` logits processor lets only token sequences of the candidate
   answers come out; EOS is allowed only where a candidate ends (OFA's `constraint_trie`).
 - score: every candidate is scored by teacher forcing (summed log-probability of its tokens and EOS), in chunks, and
@@ -27,6 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from scaling.config import Decoding
 from scaling.data.records import Record
 from scaling.data.tasks import Task
+from scaling.models.biomedgpt.generation import EOSAtMaxLength, ofa_beam_search_kwargs
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Candidates and the trie
@@ -179,26 +181,31 @@ def _generate_rows(model, tokenizer, inputs: dict, prefixes: list[list[int]], de
                    candidate_sets: Sequence[CandidateSet] | None, synced_gpus: bool) -> list[str]:
     """One generate() call for rows sharing a prefix length; returns the text after the prefix."""
     prefix_length = len(prefixes[0])
-    processors = LogitsProcessorList()
-    if candidate_sets is not None:
-        tries = [c.trie for c in candidate_sets]
-        processors.append(TrieConstraint(tries, decoding.beam, prefix_length, tokenizer.pad_token_id))
-    output = model.generate(
-        **inputs,
-        decoder_input_ids=torch.tensor(prefixes, device=inputs["input_ids"].device),
-        num_beams=decoding.beam,
-        max_new_tokens=decoding.max_new_tokens,
-        length_penalty=decoding.length_penalty,
-        no_repeat_ngram_size=decoding.no_repeat_ngram_size if candidate_sets is None else 0,
-        do_sample=False,
-        logits_processor=processors,
-        synced_gpus=synced_gpus,
-        use_cache=True,
-    )
+    search = search_arguments(decoding, tokenizer, prefix_length, candidate_sets)
+    output = model.generate(**inputs, decoder_input_ids=torch.tensor(prefixes, device=inputs["input_ids"].device),
+                            synced_gpus=synced_gpus, use_cache=True, **search)
     generated = output[:, prefix_length:].tolist()
     if candidate_sets is None:
         return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return [_constrained_answer(tokens, c, tokenizer) for tokens, c in zip(generated, candidate_sets, strict=True)]
+
+
+def search_arguments(decoding: Decoding, tokenizer, prefix_length: int,
+                     candidate_sets: Sequence[CandidateSet] | None) -> dict:
+    """generate() arguments: OFA's search for free decoding; the candidate trie (which ends every answer with EOS)
+    for constrained decoding. Both allow max_new_tokens answer tokens plus EOS, as fairseq's max_len_b does."""
+    if candidate_sets is None:
+        search = ofa_beam_search_kwargs(decoding.beam, decoding.max_new_tokens, lenpen=decoding.length_penalty,
+                                        no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        # its EOS-at-the-limit rule counts from a one-token decoder start; here the prompt may precede the answer
+        limit = EOSAtMaxLength(prefix_length + decoding.max_new_tokens + 1, tokenizer.eos_token_id)
+        return {**search, "logits_processor": LogitsProcessorList([limit])}
+    tries = [c.trie for c in candidate_sets]
+    constraint = TrieConstraint(tries, decoding.beam, prefix_length, tokenizer.pad_token_id)
+    return {"do_sample": False, "num_beams": decoding.beam, "early_stopping": True,
+            "length_penalty": decoding.length_penalty, "max_new_tokens": decoding.max_new_tokens + 1,
+            "logits_processor": LogitsProcessorList([constraint])}
 
 
 def _constrained_answer(tokens: list[int], candidates: CandidateSet, tokenizer) -> str:

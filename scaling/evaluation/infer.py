@@ -1,6 +1,7 @@
-"""Single-sample inference: one image and question (or a text-only task) through a checkpoint.
+"""Single-sample inference: one image and question (or a text-only task) through a checkpoint, prompted and decoded
+as the checkpoint's run trained and evaluated it (its export's inference.json).
 
-    answer = infer("runs/instruct/export", "vqa", image="scan.jpg", question="is there a lesion?")
+    answer = infer("runs/instruct/export", "vqa", {"question": "is there a lesion?"}, image="scan.jpg")
     answer = infer(ckpt, "nli", text={"sentence1": "...", "sentence2": "..."})   # scored over yes / no / maybe
 """
 
@@ -14,8 +15,8 @@ import torch
 
 from scaling.config import EvalArgs
 from scaling.data.records import ImageRef, Record
-from scaling.data.tasks import get_task
-from scaling.evaluation.checkpoints import load_for_eval
+from scaling.data.tasks import Task, get_task
+from scaling.evaluation.checkpoints import DECODING_KEYS, load_for_eval
 from scaling.evaluation.generate import CandidateCache, generate_batch, score_batch
 
 
@@ -35,33 +36,56 @@ def make_record(task_name: str, text: dict[str, str], image: str | Path | None =
     return record
 
 
-def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = None, image: str | Path | None = None,
-          candidates: Sequence[str] | None = None, args: EvalArgs | None = None, base: str | Path | None = None,
-          prompt_type: str = "none", device: str | None = None) -> dict:
-    """{"prediction", "prompt", "mode", "scores" (score mode: log-probability per candidate)} for one input.
+def inference_prompt(task: Task, record: Record, instruction: dict | None) -> str:
+    """The task's BiomedGPT prompt, or, for an instruction-tuned export, its recorded template with the given
+    candidates as the options (the open template without candidates)."""
+    if instruction is None:
+        return task.prompt(record)
+    from scaling.data.instruct import format_options, question_text
 
-    `prompt_type` must be the one the checkpoint was trained with (prev_output for BiomedGPT's VQA fine-tuning).
-    """
-    from scaling.data.collate import Collator, Sample
+    options = task.candidates(record)
+    template = instruction["with_options"] if options else instruction["without_options"]
+    return " " + template.format(question=question_text(record), options=format_options(options or []))
 
-    args = args or EvalArgs()
-    record = make_record(task_name, text or {}, image, candidates)
-    task = get_task(record.task)
-    model, tokenizer, _ = load_for_eval(checkpoint, base)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+
+def infer_decoding(settings: dict, task: Task, record: Record, overrides: dict | None):
+    """The recorded eval.* decoding with the given overrides (None values ignored); modes that need candidates fall
+    back to free generation when the input has none."""
+    keys = {**settings["eval"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    args = EvalArgs(**{k: keys[k] for k in DECODING_KEYS})
     decoding = args.decoding(task.decoding)
     if decoding.mode != "generate" and not task.candidates(record):  # no answers to constrain to or score
         decoding = dataclasses.replace(args, mode="generate").decoding(task.decoding)
-    collator = Collator(tokenizer, model.config.image_size, model.config.max_positions, 2, prompt_type)
-    sample = Sample(record.id, task.name, task.prompt(record), "", record.image)  # no answer: an empty target
+    return decoding
+
+
+def infer(checkpoint: str | Path, task_name: str, text: dict[str, str] | None = None, image: str | Path | None = None,
+          candidates: Sequence[str] | None = None, decoding: dict | None = None, base: str | Path | None = None,
+          prompt_type: str | None = None, device: str | None = None) -> dict:
+    """{"prediction", "prompt", "mode", "settings", "scores" (score mode: log-probability per candidate)}.
+
+    Prompt layout, prompt/target lengths, instruction template and decoding come from the export's inference.json;
+    `decoding` ({"mode", "beam", "max_new_tokens", ...}) and `prompt_type` override them.
+    """
+    from scaling.data.collate import Collator, Sample
+
+    record = make_record(task_name, text or {}, image, candidates)
+    task = get_task(record.task)
+    model, tokenizer, info = load_for_eval(checkpoint, base)
+    settings = info["inference"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    chosen = infer_decoding(settings, task, record, decoding)
+    collator = Collator(tokenizer, model.config.image_size, settings["max_src_len"], settings["max_tgt_len"],
+                        prompt_type or settings["prompt_type"])
+    sample = Sample(record.id, task.name, inference_prompt(task, record, settings["instruction"]), "", record.image)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator([sample]).items()}
-    out = {"prompt": sample.prompt, "mode": decoding.mode}
+    out = {"prompt": sample.prompt, "mode": chosen.mode, "settings": {**settings, "prompt_type": collator.prompt_type}}
     with torch.no_grad():
-        if decoding.mode == "score":
+        if chosen.mode == "score":
             candidate_set = CandidateCache(task, tokenizer)(record)
-            answers, scores = score_batch(model, tokenizer, batch, decoding, [candidate_set])
+            answers, scores = score_batch(model, tokenizer, batch, chosen, [candidate_set])
             return {**out, "prediction": answers[0], "scores": dict(zip(candidate_set.answers, scores[0],
                                                                           strict=True))}
-        sets = [CandidateCache(task, tokenizer)(record)] if decoding.mode == "constrained" else None
-        return {**out, "prediction": generate_batch(model, tokenizer, batch, decoding, sets)[0]}
+        sets = [CandidateCache(task, tokenizer)(record)] if chosen.mode == "constrained" else None
+        return {**out, "prediction": generate_batch(model, tokenizer, batch, chosen, sets)[0]}

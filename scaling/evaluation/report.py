@@ -3,15 +3,22 @@ embedded PNGs, sample thumbnails as data URIs; it opens offline), plus merging s
 
 A report is a dict:
 
-    {"schema": 1, "created": ..., "runs": [{"config", "environment", "timing", ...}],
-     "evaluations": [{"run": 0, "checkpoint": {"name", "path", "fingerprint", "parameters"},
-                      "dataset": {"name", "source", "split", "path", "fingerprint", "n"}, "task", "mode", "decoding",
-                      "primary", "metrics": {"scores", "counts", "groups", "confusion"?}, "timing",
-                      "predictions_file", "samples": [{"id", "question", "prediction", "reference", "correct",
-                      "thumbnail"}]}]}
+    {"schema": 2, "created": ..., "runs": [{"config", "environment", "timing", ...}],
+     "evaluations": [{"run": 0, "checkpoint": {"name", "path", "fingerprint", "parameters", "inference"?},
+                      "dataset": {"name", "source", "split", "path", "fingerprint", "n", "available", "skipped"},
+                      "task", "mode", "decoding", "prompt_type", "primary",
+                      "candidates": {"count", "lists", "origin", "references_listed", "n"} | None,
+                      "metrics": {"definition", "scores", "counts", "groups", "confusion"?,
+                                  "scorers": {name: {"definition", "scores", "counts"}}?},
+                      "baselines": {"fitted_on", "rows": [{"name", "definition", "scores", "counts"}]}
+                                   | {"unavailable": why},
+                      "timing", "predictions_file", "samples": [{"id", "question", "prediction", "reference",
+                      "correct", "thumbnail"}]}]}
 
-Numbers are shown with two decimals everywhere (`fmt`), so report.md and report.html carry exactly the values of
-report.json rounded the same way.
+Every evaluation is shown, each in one summary row (dataset and decoding mode; a checkpoint evaluated twice that way
+gets a row per run); every score is printed with its definition, the other protocols' scores and the baselines
+beside it. Numbers are shown with two decimals everywhere (`fmt`), so report.md and report.html carry exactly the
+values of report.json rounded the same way.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import html
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from scaling.data.records import Record
+from scaling.data.tasks import get_task
 
-SCHEMA = 1
+SCHEMA = 2
 THUMBNAIL_PX = 96
 FINGERPRINT_BLOCK = 4 << 20
 """Bytes hashed at each end of a large weight file: enough to tell checkpoints apart without reading gigabytes."""
@@ -85,17 +94,19 @@ def thumbnail_uri(record: Record, size: int = THUMBNAIL_PX) -> str | None:
 
 
 def question_text(record: Record) -> str:
-    """The record's input as one line for the sample table."""
-    return " | ".join(f"{k}: {v}" if len(record.text) > 1 else v for k, v in record.text.items())
+    """The record's input as the model reads it without instructions: its task's prompt."""
+    return get_task(record.task).prompt(record).strip()
 
 
 def sample_rows(records: Sequence[Record], predictions: Sequence[str], hits: Sequence[bool | None],
-                limit: int) -> list[dict]:
-    """The first `limit` samples for the report's table, with thumbnails embedded."""
+                limit: int, prompts: Sequence[str] | None = None) -> list[dict]:
+    """The first `limit` samples for the report's table (their prompts as given, else the task's), thumbnails
+    embedded."""
     rows = []
-    for record, prediction, hit in list(zip(records, predictions, hits, strict=True))[:limit]:
-        rows.append({"id": record.id, "question": question_text(record), "prediction": prediction,
-                     "reference": record.target, "correct": hit, "thumbnail": thumbnail_uri(record)})
+    for i, (record, prediction, hit) in enumerate(list(zip(records, predictions, hits, strict=False))[:limit]):
+        rows.append({"id": record.id, "question": prompts[i] if prompts else question_text(record),
+                     "prediction": prediction, "reference": record.target, "correct": hit,
+                     "thumbnail": thumbnail_uri(record)})
     return rows
 
 
@@ -156,11 +167,20 @@ def merge_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                              "evaluation with this version")
         offset = len(runs)
         runs += [{**run, "report": str(path)} for run in report["runs"]]
-        evaluations += [{**e, "run": e["run"] + offset} for e in report["evaluations"]]
+        evaluations += [{**e, "run": e["run"] + offset,
+                         "predictions_file": _moved(e.get("predictions_file"), path.parent, Path(out_dir))}
+                        for e in report["evaluations"]]
     _disambiguate_checkpoints(evaluations, runs)
     merged = new_report(runs, evaluations)
     write_report(merged, out_dir)
     return merged
+
+
+def _moved(file: str | None, report_dir: Path, out_dir: Path) -> str | None:
+    """A predictions file named relative to its report, renamed relative to the merged report's directory."""
+    if not file:
+        return file
+    return os.path.relpath((report_dir / file).resolve(), out_dir.resolve())
 
 
 def _disambiguate_checkpoints(evaluations: list[dict], runs: list[dict]) -> None:
@@ -190,31 +210,87 @@ def dataset_names(report: dict) -> list[str]:
     return list(dict.fromkeys(e["dataset"]["name"] for e in report["evaluations"]))
 
 
-def _find(report: dict, checkpoint: str, dataset: str) -> dict | None:
-    for e in report["evaluations"]:
-        if e["checkpoint"]["name"] == checkpoint and e["dataset"]["name"] == dataset:
-            return e
-    return None
+def row_labels(report: dict) -> list[str]:
+    """Each evaluation's summary row: "dataset (mode)", with the run (then the position) added when one checkpoint
+    has several evaluations of that kind, so that no evaluation hides another."""
+    evaluations = report["evaluations"]
+    labels = [f"{e['dataset']['name']} ({e['mode']})" for e in evaluations]
+    for detail in (lambda i, e: f"run {e['run']}", lambda i, e: f"evaluation {i}"):
+        taken = Counter((e["checkpoint"]["name"], label) for e, label in zip(evaluations, labels, strict=True))
+        labels = [label if taken[(e["checkpoint"]["name"], label)] == 1 else f"{label[:-1]}, {detail(i, e)})"
+                  for i, (e, label) in enumerate(zip(evaluations, labels, strict=True))]
+    return labels
+
+
+def summary_rows(report: dict) -> dict[str, dict[str, dict]]:
+    """{row label: {checkpoint name: evaluation}}, rows in order of appearance."""
+    rows: dict[str, dict[str, dict]] = {}
+    for label, e in zip(row_labels(report), report["evaluations"], strict=True):
+        rows.setdefault(label, {})[e["checkpoint"]["name"]] = e
+    return rows
+
+
+def best_baseline(evaluation: dict) -> tuple[str, float] | None:
+    """(name, score) of the baseline with the highest primary score, or None when there are no baselines."""
+    rows = [r for r in (evaluation.get("baselines") or {}).get("rows", []) if evaluation["primary"] in r["scores"]]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["scores"][evaluation["primary"]])
+    return best["name"], best["scores"][evaluation["primary"]]
 
 
 def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Rows: dataset (task, primary metric); columns: checkpoints; cells: the primary score."""
+    """Rows: dataset and decoding mode (task, primary metric); columns: checkpoints, then the best baseline; cells:
+    the primary score."""
     checkpoints = checkpoint_names(report)
-    header = ["dataset", "task", "metric", *checkpoints]
+    header = ["dataset (mode)", "task", "metric", *checkpoints, "best baseline"]
     rows = []
-    for dataset in dataset_names(report):
-        first = next(e for e in report["evaluations"] if e["dataset"]["name"] == dataset)
-        cells = []
-        for checkpoint in checkpoints:
-            e = _find(report, checkpoint, dataset)
-            cells.append(fmt(e["metrics"]["scores"][e["primary"]]) if e else "–")
-        rows.append([dataset, first["task"], first["primary"], *cells])
+    for label, by_checkpoint in summary_rows(report).items():
+        first = next(iter(by_checkpoint.values()))
+        cells = [fmt(e["metrics"]["scores"][e["primary"]]) if (e := by_checkpoint.get(c)) else "–"
+                 for c in checkpoints]
+        baseline = best_baseline(first)
+        rows.append([label, first["task"], first["primary"], *cells,
+                     f"{fmt(baseline[1])} ({baseline[0]})" if baseline else "–"])
     return header, rows
 
 
 def scores_table(evaluation: dict) -> tuple[list[str], list[list[str]]]:
+    """Every score with its sample count and, beside it, each baseline's score on the same metric."""
     scores, counts = evaluation["metrics"]["scores"], evaluation["metrics"]["counts"]
-    return ["metric", "score", "n"], [[name, fmt(value), str(counts.get(name, ""))] for name, value in scores.items()]
+    baselines = (evaluation.get("baselines") or {}).get("rows", [])
+    header = ["metric", "score", "n", *(f"baseline: {b['name']}" for b in baselines)]
+    return header, [[name, fmt(value), str(counts.get(name, "")),
+                     *(fmt(b["scores"][name]) if name in b["scores"] else "" for b in baselines)]
+                    for name, value in scores.items()]
+
+
+def scorers_table(evaluation: dict) -> tuple[list[str], list[list[str]]]:
+    """The other protocols' scores of the same predictions: scorer, metric, score, n."""
+    rows = [[name, metric, fmt(value), str(scorer["counts"].get(metric, ""))]
+            for name, scorer in evaluation["metrics"].get("scorers", {}).items()
+            for metric, value in scorer["scores"].items()]
+    return ["scorer", "metric", "score", "n"], rows
+
+
+def scoring_notes(evaluation: dict) -> list[str]:
+    """How the evaluation scored, in words: the definition, the candidates, the baselines, each scorer."""
+    metrics = evaluation["metrics"]
+    notes = [f"Scoring: {metrics.get('definition', 'not recorded')}"]
+    candidates = evaluation.get("candidates")
+    if candidates:
+        lists = "" if candidates["lists"] == 1 else f" ({candidates['lists']} different lists)"
+        notes.append(f"Candidates ({evaluation['mode']} mode): {candidates['count']} answers{lists} from "
+                     f"{candidates['origin']}; {candidates['references_listed']} of {candidates['n']} references "
+                     "are among them (the others cannot be predicted).")
+    baselines = evaluation.get("baselines") or {}
+    if "rows" in baselines:
+        notes.append(f"Baselines, fitted on the {baselines['fitted_on']}, scored like the model: "
+                     + "; ".join(f"{b['name']}: {b['definition']}" for b in baselines["rows"]) + ".")
+    elif baselines:
+        notes.append(f"Baselines: none ({baselines['unavailable']}).")
+    notes += [f"Scorer {name}: {scorer['definition']}" for name, scorer in metrics.get("scorers", {}).items()]
+    return notes
 
 
 def group_table(groups: dict) -> tuple[list[str], list[list[str]]]:
@@ -244,11 +320,12 @@ def evaluation_title(evaluation: dict) -> str:
 
 
 def settings_line(evaluation: dict) -> str:
-    """Samples, source, decoding, speed and the fingerprints that say what exactly was evaluated."""
+    """Samples, source, prompt layout, decoding, speed and the fingerprints that say what exactly was evaluated."""
     d, t, c, ds = evaluation["decoding"], evaluation["timing"], evaluation["checkpoint"], evaluation["dataset"]
     decoding = ", ".join(f"{k}={v}" for k, v in d.items())
     origin = ", ".join(str(x) for x in (ds.get("source"), ds.get("split") and f"split {ds['split']}") if x)
-    return (f"{ds['n']} samples{f' ({origin})' if origin else ''}, decoding: {decoding}; "
+    prompt = f"prompt_type={evaluation['prompt_type']}, " if evaluation.get("prompt_type") else ""
+    return (f"{ds['n']} samples{f' ({origin})' if origin else ''}, {prompt}decoding: {decoding}; "
             f"{t['seconds']:.1f} s ({t['samples_per_s']:.2f} samples/s); checkpoint {c.get('path') or 'in memory'} "
             f"[{(c.get('fingerprint') or 'no fingerprint')[:12]}], data [{ds['fingerprint'][:12]}]")
 
@@ -283,7 +360,9 @@ def render_markdown(report: dict) -> str:
               "The full configuration of each run is in report.json (`runs[i].config`)."]
     for evaluation in report["evaluations"]:
         parts += ["", f"## {evaluation_title(evaluation)}", "", settings_line(evaluation), "",
-                  _md_table(*scores_table(evaluation))]
+                  *(f"- {note}" for note in scoring_notes(evaluation)), "", _md_table(*scores_table(evaluation))]
+        if evaluation["metrics"].get("scorers"):
+            parts += ["", "### Other protocols, same predictions", "", _md_table(*scorers_table(evaluation))]
         for key, groups in evaluation["metrics"].get("groups", {}).items():
             parts += ["", f"### By {key}", "", _md_table(*group_table(groups))]
         if "confusion" in evaluation["metrics"]:
@@ -317,41 +396,46 @@ def _pyplot():
 
 
 def chart_primary_scores(report: dict) -> str:
-    """Grouped bars: one group per dataset, one bar per checkpoint, height = the primary score."""
+    """Grouped bars: one group per summary row, one bar per checkpoint, height = the primary score on the full
+    0-100 scale (a low score looks low), the best baseline as a black line across its group."""
     plt = _pyplot()
-    datasets, checkpoints = dataset_names(report), checkpoint_names(report)
+    rows, checkpoints = summary_rows(report), checkpoint_names(report)
     width = 0.8 / len(checkpoints)
-    figure, axis = plt.subplots(figsize=(max(5, 1.4 * len(datasets) * len(checkpoints) ** 0.5), 3.5))
+    figure, axis = plt.subplots(figsize=(max(5, 1.4 * len(rows) * len(checkpoints) ** 0.5), 3.5))
+    tallest = 100.0
     for i, checkpoint in enumerate(checkpoints):
-        values = [(_find(report, checkpoint, d) or {}) for d in datasets]
-        heights = [e["metrics"]["scores"][e["primary"]] if e else 0.0 for e in values]
-        axis.bar([x + i * width for x in range(len(datasets))], heights, width, label=checkpoint)
-    axis.set_xticks([x + width * (len(checkpoints) - 1) / 2 for x in range(len(datasets))])
-    axis.set_xticklabels([f"{d}\n({_primary(report, d)})" for d in datasets], fontsize=8)
+        heights = [e["metrics"]["scores"][e["primary"]] if (e := row.get(checkpoint)) else 0.0 for row in rows.values()]
+        tallest = max(tallest, *heights)
+        axis.bar([x + i * width for x in range(len(rows))], heights, width, label=checkpoint)
+    for x, row in enumerate(rows.values()):
+        baseline = best_baseline(next(iter(row.values())))
+        if baseline:
+            axis.hlines(baseline[1], x - width / 2, x + 0.8 - width / 2, colors="black", linestyles="--",
+                        label="best baseline" if x == 0 else None)
+    axis.set_ylim(0, 1.05 * tallest)  # percentages; CIDEr-D may pass 100
+    axis.set_xticks([x + width * (len(checkpoints) - 1) / 2 for x in range(len(rows))])
+    axis.set_xticklabels([f"{label}\n({next(iter(row.values()))['primary']})" for label, row in rows.items()],
+                         fontsize=8)
     axis.set_ylabel("score")
     axis.set_title("Primary score per dataset")
     axis.legend(fontsize=8)
     return _figure_uri(figure)
 
 
-def _primary(report: dict, dataset: str) -> str:
-    return next(e["primary"] for e in report["evaluations"] if e["dataset"]["name"] == dataset)
-
-
 def chart_checkpoints(report: dict) -> str | None:
-    """Lines across checkpoints ordered by size (the Base → Large → XLarge view), one line per dataset and score."""
+    """Lines across checkpoints ordered by size (the Base → Large → XLarge view), one line per row and score."""
     checkpoints = checkpoint_names(report)
     if len(checkpoints) < 2:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    for dataset in dataset_names(report):
-        evaluations = [_find(report, c, dataset) for c in checkpoints]
+    for label, row in summary_rows(report).items():
+        evaluations = [row.get(c) for c in checkpoints]
         names = next(e for e in evaluations if e)["metrics"]["scores"]
         for name in [n for n in names if n.endswith("accuracy") or n in ("rouge_l", "cider", "bleu_4")][:3]:
             values = [e["metrics"]["scores"].get(name) if e else None for e in evaluations]
             axis.plot(checkpoints, [float("nan") if v is None else v for v in values], marker="o",
-                      label=f"{dataset}: {name}")
+                      label=f"{label}: {name}")
     axis.set_ylabel("score")
     axis.set_title("Checkpoints side by side")
     axis.legend(fontsize=7, loc="best")
@@ -460,7 +544,10 @@ def render_html(report: dict) -> str:
         metrics = evaluation["metrics"]
         body += [f"<h2>{html.escape(evaluation_title(evaluation))}</h2>",
                  f"<p class=\"settings\">{html.escape(settings_line(evaluation))}</p>",
-                 _html_table(*scores_table(evaluation)), _img(chart_scores(evaluation), "scores")]
+                 "<ul class=\"settings\">" + "".join(f"<li>{html.escape(n)}</li>" for n in scoring_notes(evaluation))
+                 + "</ul>", _html_table(*scores_table(evaluation)), _img(chart_scores(evaluation), "scores")]
+        if metrics.get("scorers"):
+            body += ["<h3>Other protocols, same predictions</h3>", _html_table(*scorers_table(evaluation))]
         for key, groups in metrics.get("groups", {}).items():
             body += [f"<h3>By {html.escape(key)}</h3>", _html_table(*group_table(groups)),
                      _img(chart_groups(evaluation, key), f"accuracy by {key}")]
@@ -469,5 +556,8 @@ def render_html(report: dict) -> str:
                      _img(chart_confusion(evaluation), "confusion matrix")]
         if evaluation.get("samples"):
             body += ["<h3>Samples</h3>", _samples_html(evaluation["samples"])]
+        if evaluation.get("predictions_file"):
+            link = html.escape(Path(evaluation["predictions_file"]).as_posix())
+            body.append(f'<p class="settings">Per-sample predictions: <a href="{link}">{link}</a></p>')
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Evaluation report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -21,12 +21,16 @@ from accelerate import Accelerator
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from scaling.config import Config, Decoding
-from scaling.data.loading import SourceSplit
-from scaling.data.records import Record
+from scaling.config import Config, DataArgs, Decoding
+from scaling.data.collate import format_record
+from scaling.data.loading import SourceSplit, load_sources
+from scaling.data.records import DataError, Record
+from scaling.data.sources import get_source
 from scaling.data.tasks import Task, get_task
+from scaling.evaluation.baselines import compute_baselines
+from scaling.evaluation.checkpoints import settings_config
 from scaling.evaluation.generate import CandidateCache, predict_batch
-from scaling.evaluation.metrics import compute_metrics, sample_hits
+from scaling.evaluation.metrics import compute_metrics, normalize_vqa_answer, sample_hits
 from scaling.evaluation.report import (
     new_report,
     records_fingerprint,
@@ -125,9 +129,11 @@ def _in_dataset_order(positions: list[int], predictions: list[str], n: int) -> l
 # One (checkpoint, dataset) evaluation → one report entry
 
 
-def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg: Config, accelerator: Accelerator,
-                     collator, checkpoint: dict, out_dir: str | Path, dataset_info: dict | None = None) -> dict:
-    """Predict, score and describe one dataset of one task: the evaluation entry of report.json."""
+def evaluate_dataset(model, tokenizer, split: SourceSplit, cfg: Config, accelerator: Accelerator, collator,
+                     checkpoint: dict, out_dir: str | Path) -> dict:
+    """Predict, score and describe one dataset of one task: the evaluation entry of report.json (scores with their
+    definitions, the other protocols' scores, the candidates, and baselines fitted on the source's train split)."""
+    records, name = split.records, split.label
     task = get_task(records[0].task)
     mixed = sorted({r.task for r in records} - {task.name})
     if mixed:
@@ -140,8 +146,9 @@ def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg
     seconds = time.perf_counter() - start
     evaluation = {
         "run": 0, "checkpoint": checkpoint,
-        "dataset": {"name": name, "n": len(records), **(dataset_info or {})},
+        "dataset": {"name": name, "n": len(records), **split.describe()},
         "task": task.name, "mode": decoding.mode, "decoding": decoding.as_dict(), "primary": task.metrics[0],
+        "prompt_type": collator.prompt_type, "candidates": candidate_summary(records, task, decoding),
         "timing": {"seconds": seconds, "samples_per_s": len(records) / max(seconds, 1e-9),
                    "processes": accelerator.num_processes},
         "predictions": predictions,
@@ -152,11 +159,48 @@ def evaluate_dataset(model, tokenizer, records: Sequence[Record], name: str, cfg
         file = Path(out_dir) / "predictions" / f"{_slug(checkpoint['name'])}__{_slug(name)}.jsonl"
         write_predictions(file, records, predictions, hits)
         evaluation["dataset"]["fingerprint"] = records_fingerprint(records)  # reads every image: main process only
-        evaluation.update(metrics=metrics, predictions_file=str(file.relative_to(out_dir)),
-                          samples=sample_rows(records, predictions, hits, cfg.eval.report_samples))
+        shown = records[:cfg.eval.report_samples]
+        prompts = [format_record(r, collator.instruction).prompt.strip() for r in shown]  # as the model read them
+        evaluation.update(metrics=metrics, baselines=dataset_baselines(split, task, cfg.data),
+                          predictions_file=str(file.relative_to(out_dir)),
+                          samples=sample_rows(shown, predictions, hits, len(shown), prompts))
         log.info("%s on %s: %s", checkpoint["name"], name,
                  ", ".join(f"{k}={v:.2f}" for k, v in metrics["scores"].items()))
     return evaluation
+
+
+def candidate_summary(records: Sequence[Record], task: Task, decoding: Decoding) -> dict | None:
+    """The answers constrained or scored modes chose among: how many, from where, and how many references they hold
+    (a reference outside the list cannot be predicted); None for free decoding."""
+    if decoding.mode == "generate":
+        return None
+    lists = {tuple(task.candidates(r) or ()) for r in records}
+    sizes = sorted({len(answers) for answers in lists})
+    origins = sorted({str(r.attributes.get("candidates_from") or "") for r in records} - {""})
+    if not origins:
+        origins = ["the task's fixed labels" if type(task).candidates is not Task.candidates
+                   else "the records' own candidate lists"]
+    listed = sum(normalize_vqa_answer(r.target) in {normalize_vqa_answer(c) for c in task.candidates(r) or ()}
+                 for r in records if r.target is not None)
+    return {"count": sizes[0] if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}", "lists": len(lists),
+            "origin": "; ".join(origins), "references_listed": listed, "n": len(records)}
+
+
+def dataset_baselines(split: SourceSplit, task: Task, data: DataArgs) -> dict:
+    """Baselines fitted on the train split of the evaluated source: {"fitted_on", "rows"}, or {"unavailable": why}."""
+    source = split.source
+    if "train" not in get_source(source.name).splits:
+        return {"unavailable": f"source {source.name} has no train split to fit baselines on"}
+    try:
+        [train] = load_sources([dataclasses.replace(source, split="train", label=None)], data)
+    except DataError as error:
+        return {"unavailable": f"its train split could not be read: {error}"}
+    labelled = [r for r in train.records if r.task == task.name and r.target is not None]
+    if not labelled:
+        return {"unavailable": f"no labelled {task.name} records in the {source.name} train split"}
+    itself = " (the evaluated split itself)" if source.split == "train" else ""
+    return {"fitted_on": f"{source.name} train split, {len(labelled)} records{itself}",
+            "rows": compute_baselines(task.name, labelled, split.records)}
 
 
 def _slug(text: str) -> str:
@@ -210,16 +254,19 @@ def evaluate_model(model, tokenizer, datasets: Sequence[SourceSplit], cfg: Confi
     start = time.perf_counter()
     checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
                             cfg.model.checkpoint)
-    evaluations = [evaluate_dataset(model, tokenizer, split.records, split.label, cfg, accelerator, collator,
-                                    checkpoint, out_dir, split.describe()) for split in datasets]
+    evaluations = [evaluate_dataset(model, tokenizer, split, cfg, accelerator, collator, checkpoint, out_dir)
+                   for split in datasets]
     finish_report(evaluations, cfg, accelerator, out_dir, time.perf_counter() - start)
     return flat_metrics(evaluations)
 
 
-def eval_collator(tokenizer, cfg: Config, model_config, instruction=None):
-    """The training collator at the model's resolution with the configured prompt layout and, with
-    data.instruction, the training run's instruction formatter (scaling.data.instruct.instruction_formatter)."""
+def eval_collator(tokenizer, cfg: Config, model_config, instruction=None, checkpoint: dict | None = None):
+    """The training collator at the model's resolution with the prompt layout and lengths the checkpoint's export
+    recorded (else the configured ones) and, with data.instruction, the training run's instruction formatter
+    (scaling.data.instruct.instruction_formatter)."""
     from scaling.data.collate import Collator
 
+    if checkpoint is not None and "inference" in checkpoint:
+        cfg = settings_config(cfg, checkpoint["inference"])
     return Collator(tokenizer, model_config.image_size, cfg.data.max_src_len, cfg.data.max_tgt_len,
                     cfg.data.prompt_type, instruction=instruction)

@@ -1,10 +1,15 @@
 """Metric values against hand-computed ones, and the text metrics against the libraries called directly."""
 
+import shutil
+
 import pytest
 
 from scaling.data.records import CLOSED, OPEN, Record
+from scaling.data.tasks import get_task
 from scaling.evaluation.metrics import (
+    bioclean,
     clean_text,
+    coco_tokenize,
     compute_metrics,
     macro_f1,
     normalize_vqa_answer,
@@ -60,13 +65,15 @@ def test_vqa_accuracy_splits_and_groups_by_hand():
 
 
 def test_label_accuracy_and_macro_f1_by_hand():
+    """Macro-F1 as scikit-learn's f1_score(average='macro') by default: the classes of references and predictions."""
     records = [_record(i, t, task="nli") for i, t in enumerate(["yes", "yes", "no", "no", "maybe", "maybe"])]
     predictions = ["yes", "no", "no", "no", "yes", "garbage"]
     result = compute_metrics("nli", predictions, records)
     assert result["scores"]["accuracy"] == pytest.approx(50.0)
-    # yes: tp 1, pred 2, ref 2 -> 0.5; no: tp 2, pred 3, ref 2 -> 0.8; maybe: 0
-    assert result["per_class"] == pytest.approx({"yes": 0.5, "no": 0.8, "maybe": 0.0})
-    assert result["scores"]["macro_f1"] == pytest.approx(100 * 1.3 / 3)
+    # yes: tp 1, pred 2, ref 2 -> 0.5; no: tp 2, pred 3, ref 2 -> 0.8; maybe: 0; garbage: predicted once, never right
+    assert result["per_class"] == pytest.approx({"yes": 0.5, "no": 0.8, "maybe": 0.0, "garbage": 0.0})
+    assert result["scores"]["macro_f1"] == pytest.approx(100 * 1.3 / 4)
+    assert "scikit-learn" in result["definition"]
     assert macro_f1(["a", "b"], ["a", "b"]) == 1.0
 
 
@@ -79,12 +86,20 @@ def _caption_records():
     return [_record(i, refs[0], task="caption", targets=refs) for i, refs in enumerate(REFERENCES)]
 
 
-def test_text_metrics_equal_the_libraries():
+def test_decimals_survive_cleaning():
+    """"1.5 cm" is not "15 cm": in the text metrics, the caption targets and COCO's tokenisation alike."""
+    assert clean_text("Effusion of 1.5 cm, x-ray.") == "effusion of 1.5 cm xray"
+    assert get_task("caption").target(_record(0, "Nodule: 1.5 cm.", task="caption")) == " nodule 1.5 cm"
+    assert normalize_vqa_answer("1.5 cm.") == "1.5 cm"
+    assert bioclean("Nodule 1.5 cm.") == "nodule 15 cm"  # BiomedGPT's own cleaning, reproduced as its scorer
+
+
+def test_summary_metrics_equal_the_libraries():
     from pycocoevalcap.cider.cider import Cider
     from rouge_score.rouge_scorer import RougeScorer
     from sacrebleu.metrics import BLEU
 
-    scores = compute_metrics("caption", CAPTIONS, _caption_records())["scores"]
+    scores = compute_metrics("summarize", CAPTIONS, _caption_records())["scores"]
     hyps = [clean_text(c) for c in CAPTIONS]
     refs = [[clean_text(r) for r in rs] for rs in REFERENCES]
 
@@ -123,3 +138,43 @@ def test_answer_confidences_give_biomedgpt_credit():
                      answer_confidences={"ct": 1.0, "CT scan": 0.5})
     scores = [compute_metrics("vqa", [p], [record])["scores"]["accuracy"] for p in ("ct", "ct scan", "mri")]
     assert scores == [100.0, 50.0, 0.0]
+
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="COCO's PTBTokenizer needs a Java runtime")
+
+
+@needs_java
+def test_caption_metrics_are_the_coco_protocol():
+    """pycocoevalcap as COCOEvalCap runs it: PTBTokenizer on both sides, then BLEU, ROUGE-L (β=1.2), CIDEr-D."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    result = compute_metrics("caption", CAPTIONS, _caption_records())
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(REFERENCES)})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(CAPTIONS)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {**{f"bleu_{n}": 100 * b for n, b in enumerate(bleu, start=1)},
+                "rouge_l": 100 * Rouge().compute_score(gts, res)[0], "cider": 100 * Cider().compute_score(gts, res)[0]}
+    assert result["scores"] == pytest.approx(expected)
+    assert "PTBTokenizer" in result["definition"] and "β=1.2" in result["definition"]
+    assert coco_tokenize(["Nodule of 1.5 cm."])[0] == ["nodule of 1.5 cm"]
+    # BiomedGPT's metric_caption.py on the same predictions: _bioclean, no tokenizer, ROUGE-L and CIDEr
+    gts = {i: [bioclean(r) for r in refs] for i, refs in enumerate(REFERENCES)}
+    res = {i: [bioclean(c)] for i, c in enumerate(CAPTIONS)}
+    assert result["scorers"]["biomedgpt"]["scores"] == pytest.approx(
+        {"rouge_l": 100 * Rouge().compute_score(gts, res)[0], "cider": 100 * Cider().compute_score(gts, res)[0]})
+
+
+def test_caption_metrics_say_so_when_java_is_missing(monkeypatch):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    def no_java(self, captions):
+        raise FileNotFoundError("[Errno 2] No such file or directory: 'java'")
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", no_java)
+    result = compute_metrics("caption", CAPTIONS, _caption_records())
+    assert "could not run" in result["definition"] and "clean_text" in result["definition"]
+    assert coco_tokenize(["Nodule of 1.5 cm."])[0] == ["nodule of 1.5 cm"]
