@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from scaling.evaluation.checkpoints import write_inference_settings
 from scaling.logging import get_logger
 
 log = get_logger(__name__)
@@ -226,6 +227,7 @@ def _save_merged(model, directory: Path) -> None:
 def _finish_export(tokenizer, tmp: Path, out_dir: Path) -> None:
     """Add the tokenizer and move the finished directory into place."""
     tokenizer.save_pretrained(tmp)
+    write_inference_settings(tmp, out_dir.parent)  # what `scaling infer` and evaluation need: the run's prompts
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     log.info("exported %s", out_dir)

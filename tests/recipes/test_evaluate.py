@@ -141,7 +141,10 @@ def test_two_checkpoints_in_score_mode_and_report_merge(checkpoint, adapter, cac
         assert len(rows) == evaluation["dataset"]["n"] == 5
         assert all(row["prediction"] in records[row["id"]].candidates for row in rows)
         assert {"accuracy", "closed_accuracy"} <= set(evaluation["metrics"]["scores"])
-    assert "| dataset | task | metric | tiny-random | tiny-random+lora |" in (out / "report.md").read_text()
+    assert "| dataset (mode) | task | metric | tiny-random | tiny-random+lora | best baseline |" in (
+        out / "report.md").read_text()
+    assert base["baselines"]["fitted_on"].startswith("slake train split")  # the evaluated source's train split
+    assert base["candidates"]["origin"] == "answers of the train+validation splits"
 
     assert cli(["report", str(out), str(out / "report.json"), "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "report.json").read_text())
@@ -161,3 +164,45 @@ def test_missing_checkpoints_are_all_named_before_any_work(checkpoint, tmp_path)
                      f"train.output_dir={tmp_path / 'run'}"])
     assert len(error.value.problems) == 2 and "not a checkpoint" in str(error.value)
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+
+@pytest.mark.slow
+def test_infer_with_defaults_answers_what_evaluate_answers(tmp_path, capsys):
+    """A fresh export of a fine-tuning run (prompt in the decoder, shorter lengths than the defaults) carries its
+    inference settings: evaluate follows them over a config that says otherwise, and `scaling infer` with no
+    decoding or prompt flags gives evaluate's answer for every record."""
+    from scaling.cli import main as cli
+    from scaling.data.sources import load_source
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    config = ROOT / "recipes" / "configs" / "biomedgpt" / "test_finetune.yaml"
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "finetune.py"), "--config", str(config),
+                           f"train.output_dir={run_dir}", f"data.cache_dir={cache}", "train.max_steps=6",
+                           "train.save_every=100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    settings = json.loads((run_dir / "export" / "inference.json").read_text())
+    assert (settings["prompt_type"], settings["max_src_len"], settings["max_tgt_len"]) == ("prev_output", 48, 24)
+
+    slake = cache / "synthetic" / "slake"  # _evaluate configures data.prompt_type=none: the export overrides it
+    out = _evaluate(run_dir / "export", cache, tmp_path, "eval", 1, "eval.max_samples=6",
+                    f"data.eval_sources=[{{name: slake, path: {slake}, split: test}}]")
+    [evaluation] = json.loads((out / "report.json").read_text())["evaluations"]
+    assert (evaluation["prompt_type"], evaluation["mode"]) == ("prev_output", "constrained")
+    rows = [json.loads(line) for line in (out / evaluation["predictions_file"]).read_text().splitlines()]
+    records = {r.id: r for r in load_source("slake", slake, "test").records}
+
+    def infer(record, *flags):
+        assert "," not in "".join(record.candidates)  # the list travels comma-separated
+        assert cli(["infer", "--checkpoint", str(run_dir / "export"), "--image", str(record.image.path),
+                    "--question", record.text["question"], "--candidates", ",".join(record.candidates), *flags]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert len(rows) == 6
+    assert [infer(records[row["id"]]) for row in rows] == [row["prediction"] for row in rows]
+    # the layout reaches the model: the former default (no prompt in the decoder) scores every answer otherwise
+    trained, former = (json.loads(infer(records[rows[0]["id"]], "--mode", "score", "--json", *flags))
+                       for flags in ((), ("--prompt-type", "none")))
+    assert trained["settings"]["prompt_type"] == "prev_output" and former["settings"]["prompt_type"] == "none"
+    assert max(abs(trained["scores"][a] - former["scores"][a]) for a in trained["scores"]) > 1e-3
