@@ -166,7 +166,6 @@ def test_missing_checkpoints_are_all_named_before_any_work(checkpoint, tmp_path)
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-
 @pytest.mark.slow
 def test_infer_with_defaults_answers_what_evaluate_answers(tmp_path, capsys):
     """A fresh export of a fine-tuning run (prompt in the decoder, shorter lengths than the defaults) carries its
