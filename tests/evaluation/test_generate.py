@@ -149,3 +149,25 @@ def test_prev_output_constrained_generation_with_mixed_prompt_lengths(tokenizer,
                  for r in records[:3]]
     assert all(a in r.candidates for a, r in zip(answers, records, strict=True))
     assert answers[:3] == alone
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_free_generation_stops_like_fairseq_after_the_prompt(tokenizer, model, beam):
+    """OFA's search with the prompt in the decoder: at least one answer token (min_len 1), at most max_new_tokens of
+    them, then EOS (scored, as fairseq's max_len_b rule), counted from the end of each sample's prompt."""
+    from scaling.evaluation.generate import decoder_prefixes, encoder_inputs, search_arguments
+
+    records = _records(6)
+    batch = _prev_output_batch(tokenizer, model, records)
+    prefixes = decoder_prefixes(batch, model.config.decoder_start_token_id)
+    limit = 3
+    lengths = []
+    with torch.no_grad():
+        for row, prefix in enumerate(prefixes):  # prompts of different lengths
+            search = search_arguments(Decoding(beam=beam, max_new_tokens=limit), tokenizer, len(prefix), None)
+            output = model.generate(**encoder_inputs(batch, [row]), decoder_input_ids=torch.tensor([prefix]), **search)
+            answer = output[0, len(prefix):].tolist()
+            assert answer[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in answer[:-1]
+            lengths.append(len(answer) - 1)
+    assert all(1 <= n <= limit for n in lengths) and limit in lengths  # the random model runs into the limit
+    assert len({len(p) for p in prefixes}) > 1

@@ -76,3 +76,32 @@ def test_errors_name_the_problem(checkpoint, tmp_path, capsys):
     assert "sentence2" in capsys.readouterr().err
     assert cli(["infer", "--checkpoint", str(checkpoint), "--question", "what?"]) == 1
     assert "needs an image" in capsys.readouterr().err
+
+
+def test_defaults_come_from_the_exports_inference_settings(checkpoint, scan, tmp_path, capsys):
+    """Without inference.json: the toolkit's defaults (the prompt in the decoder); with one: what the run recorded,
+    including an instruction template that presents the given candidates as options."""
+    import shutil
+
+    from scaling.config import load_config, save_config
+    from scaling.evaluation.checkpoints import write_inference_settings
+
+    question = ["--image", scan, "--question", "is there a lesion?", "--json"]
+    plain = json.loads(_run(capsys, "--checkpoint", checkpoint, *question))
+    assert plain["settings"]["recorded"] is False and plain["settings"]["prompt_type"] == "prev_output"
+    assert plain["prompt"] == " is there a lesion?" and plain["mode"] == "generate"  # no candidates to constrain to
+
+    run_dir = tmp_path / "run"
+    save_config(load_config(None, ["data.instruction=true", "data.prompt_type=none", "data.max_src_len=40",
+                                   "eval.mode=generate", "eval.max_new_tokens=3"]), run_dir)
+    export = shutil.copytree(checkpoint, run_dir / "export")
+    write_inference_settings(export, run_dir)
+    tuned = json.loads(_run(capsys, "--checkpoint", export, *question, "--candidates", "yes,no"))
+    assert tuned["settings"]["recorded"] is True and tuned["settings"]["max_src_len"] == 40
+    assert tuned["settings"]["prompt_type"] == "none" and tuned["mode"] == "generate"
+    assert tuned["prompt"] == " Question: is there a lesion? Options: (a) yes; (b) no The answer is:"
+    assert tuned["settings"]["image_size"] == json.loads((checkpoint / "config.json").read_text())["image_size"]
+    open_question = json.loads(_run(capsys, "--checkpoint", export, *question))
+    assert open_question["prompt"] == ' Answer the following question about the image. "is there a lesion?"'
+    flagged = json.loads(_run(capsys, "--checkpoint", export, *question, "--prompt-type", "prev_output"))
+    assert flagged["settings"]["prompt_type"] == "prev_output"  # a flag still overrides the export

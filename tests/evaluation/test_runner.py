@@ -16,6 +16,8 @@ from scaling.evaluation.runner import (
     _fallback_without_candidates,
     _in_dataset_order,
     _index_loader,
+    candidate_summary,
+    dataset_baselines,
     eval_collator,
     flat_metrics,
     predict_records,
@@ -106,3 +108,48 @@ def test_prev_output_batches_follow_prompt_length_and_predictions_keep_dataset_o
     alone = [predict_records(model, tokenizer, [r], task, decoding, Accelerator(cpu=True), collator, 1,
                              progress=False)[0] for r in records[:3]]
     assert predicted == alone * 4
+
+
+def test_eval_collator_follows_the_exports_recorded_layout():
+    tokenizer = train_bpe_tokenizer(["is there a lesion? yes no"] * 10, vocab_size=280, num_codes=0, num_bins=0)
+    model_config = BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer))
+    cfg = Config()
+    cfg.data.prompt_type = "none"
+    recorded = {"inference": {"recorded": True, "file": "export/inference.json", "prompt_type": "prev_output",
+                              "max_src_len": 40, "max_tgt_len": 12}}
+    collator = eval_collator(tokenizer, cfg, model_config, None, recorded)
+    assert (collator.prompt_type, collator.max_src_len, collator.max_tgt_len) == ("prev_output", 40, 12)
+    unrecorded = eval_collator(tokenizer, cfg, model_config, None, {"inference": {"recorded": False}})
+    assert unrecorded.prompt_type == "none" and cfg.data.prompt_type == "none"  # the config itself is untouched
+
+
+def test_candidate_summary_counts_origin_and_reachable_references():
+    vqa = [Record(id=str(i), task="vqa", image=None, text={"question": "q?"}, target=t, candidates=["yes", "no"],
+                  attributes={"candidates_from": "answers of the train split"}) for i, t in enumerate(["Yes", "ct"])]
+    summary = candidate_summary(vqa, get_task("vqa"), Decoding(mode="constrained"))
+    assert summary == {"count": 2, "lists": 1, "origin": "answers of the train split", "references_listed": 1, "n": 2}
+    assert candidate_summary(vqa, get_task("vqa"), Decoding(mode="generate")) is None
+    nli = [Record(id="0", task="nli", image=None, text={"sentence1": "a", "sentence2": "b"}, target="maybe")]
+    assert candidate_summary(nli, get_task("nli"), Decoding(mode="score"))["origin"] == "the task's fixed labels"
+
+
+def test_baselines_come_from_the_sources_train_split(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from scaling.config import DataArgs, SourceArgs
+    from scaling.data.loading import load_sources
+
+    row = {"img_name": "a.png", "q_lang": "en", "answer_type": "CLOSED", "question": "is it normal?"}
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "test.json").write_text(json.dumps([{**row, "qid": 1, "answer": "yes"}]))
+    [split] = load_sources([SourceArgs(name="slake", path=str(tmp_path), split="test")], DataArgs())
+    assert "train split could not be read" in dataset_baselines(split, get_task("vqa"), DataArgs())["unavailable"]
+    (tmp_path / "train.json").write_text(json.dumps([{**row, "qid": q, "answer": a}
+                                                     for q, a in ((2, "yes"), (3, "yes"), (4, "no"))]))
+    baselines = dataset_baselines(split, get_task("vqa"), DataArgs())
+    assert baselines["fitted_on"] == "slake train split, 3 records"
+    assert [r["name"] for r in baselines["rows"]] == ["majority answer", "majority per answer type", "question-only"]
+    assert baselines["rows"][2]["scores"]["accuracy"] == 100.0
