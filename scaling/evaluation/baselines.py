@@ -59,23 +59,25 @@ def vqa_baselines(train: Sequence[Record], records: Sequence[Record]) -> list[di
 
 
 def question_only(train: Sequence[Record], records: Sequence[Record], fallback: Sequence[str]) -> tuple[list[str], int]:
-    """(answer per record from its nearest training questions, how many records had an identical question)."""
+    """(answer per record from its nearest training questions, how many records had an identical question); each
+    distinct (question, answer type) is looked up once."""
     questions = [r.text.get("question", "") for r in train]
     vocabulary = _vocabulary(questions)
     train_features = word_features(questions, vocabulary)
     train_types = np.array([str(r.answer_type) for r in train])
     targets = [normalize_vqa_answer(r.target) for r in train]
-    answers, identical = list(fallback), 0
-    for start in range(0, len(records), CHUNK):
-        chunk = records[start:start + CHUNK]
-        similarity = word_features([r.text.get("question", "") for r in chunk], vocabulary) @ train_features.T
-        similarity[train_types[None, :] != np.array([str(r.answer_type) for r in chunk])[:, None]] = -1.0
-        for row, best in enumerate(similarity.max(axis=1)):
+    keys = list(dict.fromkeys((r.text.get("question", ""), str(r.answer_type)) for r in records))
+    found: dict[tuple[str, str], tuple[str, bool]] = {}
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start:start + CHUNK]
+        similarity = word_features([q for q, _ in chunk], vocabulary) @ train_features.T
+        similarity[train_types[None, :] != np.array([t for _, t in chunk])[:, None]] = -1.0
+        for key, row, best in zip(chunk, similarity, similarity.max(axis=1), strict=True):
             if best > 0:
-                tied = np.flatnonzero(similarity[row] >= best - 1e-5)
-                answers[start + row] = majority([targets[i] for i in tied])
-                identical += best >= 1 - 1e-5
-    return answers, int(identical)
+                found[key] = majority([targets[i] for i in np.flatnonzero(row >= best - 1e-5)]), best >= 1 - 1e-5
+    answers = [found.get((r.text.get("question", ""), str(r.answer_type)), (f, False))
+               for r, f in zip(records, fallback, strict=True)]
+    return [a for a, _ in answers], sum(same for _, same in answers)
 
 
 def _vqa_row(name: str, definition: str, predictions: Sequence[str], records: Sequence[Record]) -> dict:

@@ -15,6 +15,7 @@ and COCO's tokenizer are the libraries' own computations.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter, defaultdict
@@ -222,14 +223,18 @@ def llava_med_recall(prediction: str, reference: str) -> float:
     return true_positive / (true_positive + sum(c for w, c in referenced.items() if w not in predicted))
 
 
+@functools.lru_cache(maxsize=8)
+def _llava_candidates(candidates: tuple[str, ...]) -> list[tuple[str, set[str]]]:
+    """Each candidate normalised, with its words (a dataset shares one list: normalised once)."""
+    return [(normalized, set(_llava_words(normalized))) for normalized in map(llava_med_normalize, candidates)]
+
+
 def llava_med_candidate_hit(prediction: str, reference: str, candidates: Sequence[str]) -> float:
     """calculate_appearance_with_normalization: the candidate sharing the largest share of its words with the
     prediction (first on ties) must equal the reference."""
     predicted = _llava_words(llava_med_normalize(prediction))
     best, best_share = None, -1.0
-    for candidate in candidates:
-        normalized = llava_med_normalize(str(candidate))
-        words = _llava_words(normalized)
+    for normalized, words in _llava_candidates(tuple(map(str, candidates))):
         share = sum(w in words for w in predicted) / len(words) if words else 0.0
         if share > best_share:
             best, best_share = normalized, share
