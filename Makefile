@@ -38,8 +38,8 @@ slurm-deps:  ## Debian's slurm-wlm + munge for the launch/ tests (root only; the
 		|| echo "slurm-wlm could not be installed; the slurm tests will skip"; \
 	else echo "not root or no apt-get; the slurm tests will skip"; fi
 
-test: setup slurm-deps  ## the whole suite except GPU tests
-	$(BIN)/python -m pytest -q -m "not gpu"
+test: setup slurm-deps  ## the whole suite except GPU tests and the heavy ones (pytest -m heavy runs those)
+	$(BIN)/python -m pytest -q -m "not gpu and not heavy"
 
 test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not gpu and not slow and not distributed and not slurm"

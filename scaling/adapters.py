@@ -21,7 +21,9 @@ Policies in detail:
 - freeze / full set requires_grad; a parameter tied across components (the shared token embedding) trains when any
   of its owners is full. A ResNet that is not fully trained normalises with its BatchNorm running statistics.
 - QLoRA (quantize nf4/int8) replaces the nn.Linear of every non-full component by a frozen bitsandbytes layer before
-  the adapters are injected (peft then uses its bnb-aware LoRA/IA3 layers); adapters stay float32.
+  the adapters are injected (peft then uses its bnb-aware LoRA/IA3 layers). Adapters are float32 without DeepSpeed
+  (autocast computes in 16 bits); under DeepSpeed bf16/fp16 they are 16-bit like every parameter, and DeepSpeed's
+  optimizer keeps their fp32 master copy.
 - save_adapter writes the trainable tensors only (+ BatchNorm statistics of a fully trained ResNet): under ZeRO-3
   every rank calls it and the trainable parameters are gathered first. load_adapter re-applies the saved policy
   to a base model and loads them; merge_adapters folds LoRA/DoRA/IA3 into the weights (not prefixes, not quantised).

@@ -19,19 +19,25 @@ from scaling.environment import require_supported_versions
 
 def _add_estimate_memory(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate-memory", help="per-GPU memory of a preset under a ZeRO stage, precision and PEFT")
+    p.add_argument("--config", help="a recipe config: preset, micro-batch, image size, lengths, precision, "
+                                    "checkpointing, PEFT, EMA and frozen embeddings come from it (--batch overrides)")
     p.add_argument("--preset", default="base", help="model size preset (test, mini, tiny, medium, base, large, xlarge)")
-    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (0: DDP)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs the states are partitioned over")
     p.add_argument("--offload", default="none", choices=("none", "cpu"),
                    help="ZeRO-Offload: optimizer states (and stage-3 weights) in CPU memory")
     p.add_argument("--peft", default="none", choices=("none", "lora", "dora", "ia3", "prefix", "ptv2", "qlora"),
                    help="PEFT method on every component it applies to (none = full fine-tuning)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--batch", type=int, default=8, help="micro-batch per GPU")
+    p.add_argument("--batch", type=int, help="micro-batch per GPU (default 8, or the config's)")
     p.add_argument("--image-size", type=int, help="input resolution (default: the preset's)")
     p.add_argument("--src-len", type=int, default=128, help="encoder text tokens")
-    p.add_argument("--tgt-len", type=int, default=32, help="decoder tokens")
+    p.add_argument("--tgt-len", type=int, default=32, help="decoder tokens (the prompt too under prev_output)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="total with gradient checkpointing")
+    p.add_argument("--ema", action="store_true", help="an fp32 EMA of the trainable weights on every GPU")
+    p.add_argument("--freeze-embeddings", action="store_true", help="the token embedding does not train")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="whose attention kernel the activations follow (cpu: the 2-rank CPU runs)")
     p.add_argument("--gpu-memory", help="GPU size for the verdict, e.g. 80GB")
     p.add_argument("--fit", metavar="SIZE", help="list the configurations (ZeRO x offload x PEFT x checkpointing x "
                                                  "batch) that fit a GPU of this size, e.g. 80GB")
@@ -44,21 +50,35 @@ def _run_estimate_memory(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from scaling.training.memory_estimate import estimate_memory, estimate_table, fit, fit_table, parse_size
+    from scaling.config import load_config
+    from scaling.training.memory_estimate import (
+        estimate_for_config,
+        estimate_memory,
+        estimate_table,
+        fit,
+        fit_table,
+        parse_size,
+    )
 
     try:
         if args.fit:
             limit = parse_size(args.fit)
-            found = fit(limit, args.preset, args.gpus, args.precision, args.image_size, args.src_len, args.tgt_len)
+            found = fit(limit, args.preset, args.gpus, args.precision, args.image_size, args.src_len, args.tgt_len,
+                        ema=args.ema, freeze_embeddings=args.freeze_embeddings)
             if args.json:
                 print(json.dumps([e.as_dict() for e in found], indent=2))
             else:
                 Console().print(fit_table(found, limit))
             return 0 if found else 1
-        est = estimate_memory(args.preset, args.zero, args.gpus, args.offload, args.peft, args.precision, args.batch,
-                              args.image_size, args.src_len, args.tgt_len, args.gradient_checkpointing)
+        if args.config:
+            est = estimate_for_config(load_config(args.config), args.zero, args.gpus, args.offload, args.device,
+                                      args.batch)
+        else:
+            est = estimate_memory(args.preset, args.zero, args.gpus, args.offload, args.peft, args.precision,
+                                  args.batch or 8, args.image_size, args.src_len, args.tgt_len,
+                                  args.gradient_checkpointing, args.device, args.ema, args.freeze_embeddings)
         gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
-    except ValueError as err:
+    except ValueError as err:  # ConfigError included
         print(f"scaling estimate-memory: {err}", file=sys.stderr)
         return 2
     if args.json:

@@ -245,7 +245,8 @@ class PeftArgs:
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: load frozen base linears in 4-bit NF4 or 8-bit through bitsandbytes, adapters on top."""
     quant_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the 4-bit layers dequantise to for their matmul (QLoRA used bfloat16 on GPUs); adapters stay float32."""
+    """Dtype the 4-bit layers dequantise to for their matmul (QLoRA used bfloat16 on GPUs); the adapters' own dtype
+    follows the launch (float32, or 16-bit under DeepSpeed bf16/fp16: scaling/adapters.py)."""
     double_quant: bool = True
     """NF4 only: also quantise the per-block scales (QLoRA's double quantisation, ~0.4 bit/param saved)."""
     vision_modules: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "downsample.0", "image_proj"])

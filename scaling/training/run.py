@@ -45,6 +45,7 @@ from scaling.training.distributed import (
     cast_for_deepspeed,
     fill_deepspeed_auto,
     log_parameter_shares,
+    uses_deepspeed_cpu_adam,
 )
 from scaling.training.ema import EMA
 from scaling.training.optim import build_optimizer, build_scheduler
@@ -177,7 +178,7 @@ class Prepared:
 
 def prepare_for_training(accelerator: Accelerator, model, cfg: Config) -> Prepared:
     """Optimizer, schedule, DeepSpeed "auto" values, DeepSpeed's buffer cast, one prepare() call, EMA."""
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, deepspeed_cpu_adam=uses_deepspeed_cpu_adam(accelerator))
     scheduler = build_scheduler(optimizer, cfg.train)
     fill_deepspeed_auto(accelerator, cfg)
     model = cast_for_deepspeed(accelerator, model)

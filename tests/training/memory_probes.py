@@ -36,8 +36,11 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views, detach and in-place ops return storage their inputs already had (maybe from before the block)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            if (isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
+                    and tensor.untyped_storage()._cdata not in inputs):
                 self._track(tensor.untyped_storage())
         self.peak = max(self.peak, self.current)
         self._drop_freed()
@@ -65,7 +68,8 @@ MASTER_WEIGHT_ATTRIBUTES = (
 
 def zero_model_state_bytes(engine) -> dict[str, int]:
     """Bytes of weights, gradients and optimizer states this rank holds in a DeepSpeed engine (call it after
-    `engine.backward` and before `engine.step`, once a step has created the Adam states)."""
+    `engine.backward` and before `engine.step`, once a step has created the Adam states; the step's own fp32
+    gradient copy is measured around `engine.step`)."""
     optimizer = engine.optimizer
     params = list(engine.module.parameters())
     if hasattr(params[0], "ds_tensor"):  # ZeRO-3: this rank's partition, plus the small params kept whole
@@ -78,6 +82,14 @@ def zero_model_state_bytes(engine) -> dict[str, int]:
     adam = [t for state in optimizer.optimizer.state.values() for t in state.values() if t.numel() > 1]
     return {"parameters": _storage_bytes(weights), "gradients": _storage_bytes(gradients),
             "optimizer_states": _storage_bytes(masters) + _storage_bytes(adam)}
+
+
+def torch_model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """The same for a plain (or DDP) model and its torch optimizer."""
+    params = list(model.parameters())
+    adam = [t for state in optimizer.state.values() for t in state.values() if t.numel() > 1]
+    return {"parameters": _storage_bytes(params), "gradients": _storage_bytes([p.grad for p in params]),
+            "optimizer_states": _storage_bytes(adam)}
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from memory_probes import TensorMemoryTracker, current_memory, zero_model_state_bytes
+from memory_probes import TensorMemoryTracker, current_memory, torch_model_state_bytes, zero_model_state_bytes
 
 from scaling.cli import main as cli_main
+from scaling.config import load_config
 from scaling.models.biomedgpt.configuration import BiomedGPTConfig
 from scaling.models.biomedgpt.modeling import BiomedGPTForConditionalGeneration
 from scaling.training.memory import peak_memory, reset_peak_memory
@@ -41,41 +42,71 @@ TOLERANCE = 0.15
 
 
 @pytest.mark.parametrize("stage, gpus, expected", [
-    (0, 8, (2, 2, 12)),
-    (1, 8, (2, 2, 12 / 8)),
-    (2, 8, (2, 2 / 8, 12 / 8)),
-    (3, 8, (2 / 8, 2 / 8, 12 / 8)),
-    (3, 1, (2, 2, 12)),
+    # (16-bit weights, 16-bit gradients + the step's fp32 copy of the partition, fp32 master + Adam m, v, gathered)
+    (1, 8, (2, 2 + 4 / 8, 12 / 8, 0)),
+    (2, 8, (2, 2 / 8 + 4 / 8, 12 / 8, 0)),
+    (3, 8, (2 / 8, 2 / 8 + 4 / 8, 12 / 8, 4 * 0.1)),
+    (3, 1, (2, 2 + 4, 12, 4 * 0.1)),
 ])
-def test_mixed_precision_model_states_follow_zero_partitioning(stage, gpus, expected):
-    states = model_state_bytes(ParameterCount(PSI, PSI, 0), "bf16", stage, gpus)
-    assert (states["parameters"], states["gradients"], states["optimizer_states"]) == tuple(
+def test_mixed_precision_model_states_follow_deepspeeds_allocations(stage, gpus, expected):
+    states = model_state_bytes(ParameterCount(PSI, PSI, largest_layer=PSI // 10), "bf16", stage, gpus)
+    assert (states["parameters"], states["gradients"], states["optimizer_states"], states["gathered"]) == tuple(
         round(e * PSI) for e in expected)
-    assert states["cpu_offloaded"] == 0
+    assert states["cpu_offloaded"] == states["ema_weights"] == 0
 
 
-def test_fp32_without_mixed_precision_is_4_4_8():
-    states = model_state_bytes(ParameterCount(PSI, PSI, 0), "fp32", 0, 4)
+def test_without_zero_autocast_keeps_fp32_weights_gradients_and_adam_plus_16_bit_copies():
+    states = model_state_bytes(ParameterCount(PSI, PSI), "bf16", 0, 4)
     assert (states["parameters"], states["gradients"], states["optimizer_states"]) == (4 * PSI, 4 * PSI, 8 * PSI)
+    assert states["gathered"] == 2 * PSI
+    fp32 = model_state_bytes(ParameterCount(PSI, PSI), "fp32", 0, 4)
+    assert (fp32["parameters"], fp32["gradients"], fp32["optimizer_states"], fp32["gathered"]) == (
+        4 * PSI, 4 * PSI, 8 * PSI, 0)
 
 
-def test_offload_moves_optimizer_states_and_stage3_weights_to_the_host():
-    stage2 = model_state_bytes(ParameterCount(PSI, PSI, 0), "bf16", 2, 4, "cpu")
-    assert stage2["optimizer_states"] == 0 and stage2["cpu_offloaded"] == 12 * PSI // 4
-    assert stage2["parameters"] == 2 * PSI
-    stage3 = model_state_bytes(ParameterCount(PSI, PSI, 0), "bf16", 3, 4, "cpu")
-    assert stage3["parameters"] == stage3["optimizer_states"] == 0
-    assert stage3["cpu_offloaded"] == (12 + 2) * PSI // 4
+def test_offload_moves_optimizer_states_and_the_fp32_gradients_and_stage3_weights_to_the_host():
+    stage2 = model_state_bytes(ParameterCount(PSI, PSI), "bf16", 2, 4, "cpu")
+    assert (stage2["parameters"], stage2["gradients"], stage2["optimizer_states"]) == (2 * PSI, 0, 0)
+    assert stage2["cpu_offloaded"] == (12 + 4) * PSI // 4
+    stage3 = model_state_bytes(ParameterCount(PSI, PSI, largest_layer=1000), "bf16", 3, 4, "cpu")
+    assert stage3["parameters"] == stage3["gradients"] == stage3["optimizer_states"] == 0
+    assert stage3["gathered"] == 4 * 1000 and stage3["cpu_offloaded"] == (2 + 2 + 4 + 12) * PSI // 4
     with pytest.raises(ValueError, match="offload needs ZeRO stage"):
-        model_state_bytes(ParameterCount(PSI, PSI, 0), "bf16", 0, 1, "cpu")
+        model_state_bytes(ParameterCount(PSI, PSI), "bf16", 0, 1, "cpu")
 
 
-def test_peft_keeps_frozen_weights_only_and_qlora_stores_them_in_4_bits():
-    states = model_state_bytes(ParameterCount(PSI, 1000, 0), "bf16", 0, 1)
-    assert states == {"parameters": 2 * PSI, "gradients": 2 * 1000, "optimizer_states": 12 * 1000,
-                      "cpu_offloaded": 0}
-    qlora = model_state_bytes(ParameterCount(PSI, 1000, PSI // 2), "bf16", 0, 1)
-    assert 2 * PSI // 2 + 0.5 * PSI // 2 < qlora["parameters"] < 2 * PSI // 2 + 0.52 * PSI // 2
+def test_frozen_weights_keep_only_their_weights_qlora_stores_them_in_4_bits_and_ema_copies_the_trainable_ones():
+    states = model_state_bytes(ParameterCount(PSI, 1000), "bf16", 2, 1, ema=True)
+    assert (states["parameters"], states["gradients"], states["optimizer_states"]) == (2 * PSI, 6 * 1000, 12 * 1000)
+    assert states["ema_weights"] == 4 * 1000
+    quantized = count_parameters("test", "qlora")
+    qlora = model_state_bytes(quantized, "bf16", 2, 1)
+    assert qlora["parameters"] == round(2 * (quantized.total - quantized.quantized) + quantized.quantized_bytes)
+    assert 0.5 * quantized.quantized < quantized.quantized_bytes < 0.52 * quantized.quantized
+    with pytest.raises(ValueError, match="EMA"):
+        model_state_bytes(ParameterCount(PSI, PSI), "bf16", 3, 8, ema=True)
+
+
+@pytest.mark.parametrize("preset", ["base", "large", "xlarge"])
+@pytest.mark.parametrize("stage, offload", [(2, "none"), (2, "cpu"), (3, "none"), (3, "cpu")])
+def test_model_states_match_deepspeeds_own_estimators(preset, stage, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params = count_parameters(preset)
+    planned = estimate_memory(preset, stage, 8, offload).model_states
+    if stage == 2:
+        _, deepspeed = estimate_zero2_model_states_mem_needs(params.total, 8, 1, cpu_offload=offload == "cpu")
+    else:
+        _, deepspeed, _ = estimate_zero3_model_states_mem_needs(
+            params.total, params.largest_layer, 8, 1, cpu_offload=offload == "cpu",
+            cpu_offload_params=offload == "cpu")
+        if offload == "none":
+            # DeepSpeed's ZeRO-3 estimator counts 18 bytes per parameter and GPU where stage3.py allocates 20: it
+            # leaves out the 16-bit gradient partition (grad_partitions_flat_buffer), which the 2-rank measurement
+            # below finds beside the step's fp32 copy.
+            deepspeed += 2 * params.total // 8
+    assert abs(planned - deepspeed) / deepspeed < 0.05, (planned, deepspeed)
 
 
 def test_parameter_counts_match_the_real_model_and_the_ofa_sizes():
@@ -87,12 +118,16 @@ def test_parameter_counts_match_the_real_model_and_the_ofa_sizes():
     lora = count_parameters("base", "lora")
     assert 0 < lora.trainable < 0.01 * lora.total and lora.quantized == 0
     assert count_parameters("base", "qlora").quantized > 0.5 * lora.total
+    embedding = BiomedGPTConfig.from_preset("large").vocab_size * BiomedGPTConfig.from_preset("large").d_model
+    assert count_parameters("large").largest_layer == embedding  # the tied token embedding
+    frozen = count_parameters("large", freeze_embeddings=True)
+    assert frozen.total - frozen.trainable == embedding
 
 
 def test_estimate_checkpointing_saves_memory_and_fit_lists_only_fitting_configurations():
     est = estimate_memory("large", 3, 8, "cpu", "lora", "bf16", 8, 480, 128, 32)
     assert est.activations_checkpointed < est.activations_full
-    assert est.total == est.model_states + est.activations_full
+    assert est.total == est.model_states + est.buffers + est.activations_full
     assert not estimate_memory("xlarge", 0, 1, batch=64, image_size=480).fits(parse_size("80GB"))
     found = fit("24GB", "base", gpus=2, image_size=384, batches=(1, 8, 64), peft_methods=("none", "lora"))
     assert found and all(e.fits(parse_size("24GB")) for e in found)
@@ -113,6 +148,13 @@ def test_cli_prints_the_table_and_the_verdict(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["total"] <= 0.9 * 24 * 2**30 for r in rows)
     assert cli_main(["estimate-memory", "--preset", "base", "--gpu-memory", "lots"]) == 2
+    config = ROOT / "recipes" / "configs" / "biomedgpt" / "large_finetune.yaml"
+    assert cli_main(["estimate-memory", "--config", str(config), "--zero", "2", "--gpus", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["ema"] and row["ema_weights"] > 0 and row["trainable_params"] < row["total_params"]
+    cfg = load_config(config)
+    assert (row["batch"], row["image_size"]) == (cfg.train.batch_size, cfg.model.image_size)
+    assert row["tgt_len"] == cfg.data.max_src_len + cfg.data.max_tgt_len  # prompt_type prev_output: prompt + answer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,39 +217,51 @@ def free_port() -> int:
 
 
 def launch_zero_worker(stage: int, out_dir: Path) -> None:
-    """`accelerate launch` this file as a 2-process DeepSpeed job (the shipped config for stages 1-3)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+    """`accelerate launch` this file as a 2-process job: the shipped zero{stage}.yaml, or cpu.yaml (DDP) for stage 0."""
+    config = f"zero{stage}.yaml" if stage else "cpu.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "accelerate_configs" / config), "--num_processes", "2", "--main_process_port",
                 str(free_port())]
-    if stage:
-        launcher += ["--config_file", str(ROOT / "accelerate_configs" / f"zero{stage}.yaml")]
-    else:
-        launcher += ["--use_deepspeed", "--zero_stage", "0", "--num_machines", "1", "--dynamo_backend", "no"]
-    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "--mixed_precision", "bf16", __file__, str(out_dir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, __file__, str(out_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_model_states_of_two_cpu_ranks_match_the_estimate(stage, tmp_path):
+def test_model_states_of_two_cpu_ranks_after_the_optimizer_step_match_the_estimate(stage, tmp_path):
     launch_zero_worker(stage, tmp_path)
-    params = count_parameters("test")
+    params = count_parameters("test", freeze_embeddings=True)
     expected = model_state_bytes(params, "bf16", stage, gpus=2)
+    planned = expected["parameters"] + expected["gradients"] + expected["optimizer_states"]
     for rank in range(2):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured["stage"] == stage and measured["world_size"] == 2
-        for key in ("parameters", "gradients", "optimizer_states"):
-            error = abs(measured[key] - expected[key]) / expected[key]
-            assert error < TOLERANCE, f"ZeRO-{stage} rank {rank} {key}: measured {measured[key]}, " \
-                                      f"estimated {expected[key]} ({error:.1%} off)"
+        assert measured["frozen"] == params.total - params.trainable  # no gradient, no optimizer state for them
+        for key in ("parameters", "optimizer_states"):
+            assert abs(measured[key] - expected[key]) / expected[key] < 0.10, (key, measured, expected)
+        if stage:  # DeepSpeed makes the fp32 copy of this rank's gradient partition inside engine.step
+            assert measured["step_peak"] >= 4 * params.trainable / 2 * 0.9, measured
+        total = sum(measured[k] for k in ("parameters", "gradients", "optimizer_states", "step_peak"))
+        print(f"ZeRO-{stage} rank {rank}: measured {measured}, planned {expected}")
+        # the step also holds a momentary 16-bit flat copy of the partition (2T/N), which neither DeepSpeed's
+        # estimators nor the planner count: +6 % (ZeRO-2) and +8 % (ZeRO-3) at N=2 for this small model
+        assert abs(total - planned) / planned < 0.10, (total, planned)
+
+
+def random_batch(config: BiomedGPTConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(4, config.vocab_size, (2, 8)),
+            "pixel_values": torch.randn(2, 3, config.image_size, config.image_size, dtype=dtype),
+            "patch_masks": torch.ones(2, dtype=torch.bool), "labels": torch.randint(4, config.vocab_size, (2, 4))}
 
 
 def zero_worker(out_dir: Path) -> None:
-    """Two optimizer steps of the test preset under the launched DeepSpeed config; write this rank's model states."""
+    """Two optimizer steps of the test preset (frozen embeddings, bf16) under the launched config; write this rank's
+    model states: what lives after the backward of step 2, plus what its optimizer step adds at its peak."""
     from scaling.config import load_config
-    from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
+    from scaling.training.distributed import build_accelerator, cast_for_deepspeed, fill_deepspeed_auto, zero_stage
     from scaling.training.optim import build_optimizer
 
     cfg = load_config(None, [f"train.output_dir={out_dir}", "train.batch_size=2", "train.mixed_precision=bf16"])
@@ -215,22 +269,33 @@ def zero_worker(out_dir: Path) -> None:
     fill_deepspeed_auto(accelerator, cfg)
     torch.manual_seed(0)
     config = BiomedGPTConfig.from_preset("test")
-    # DeepSpeed bf16 casts parameters only; the ResNet's BatchNorm running statistics must follow (CPU batch_norm
-    # rejects bf16 input with fp32 statistics), so the whole module goes to bf16 first. Buffers are not model states.
-    model = BiomedGPTForConditionalGeneration(config).to(torch.bfloat16)
-    engine, _ = accelerator.prepare(model, build_optimizer(model, cfg.train))
+    model = BiomedGPTForConditionalGeneration(config)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    optimizer = build_optimizer(model, cfg.train)
+    model, optimizer = accelerator.prepare(cast_for_deepspeed(accelerator, model), optimizer)
+
+    dtype = next(model.parameters()).dtype
 
     def loss() -> torch.Tensor:
-        batch = {"input_ids": torch.randint(4, config.vocab_size, (2, 8)),
-                 "pixel_values": torch.randn(2, 3, 32, 32, dtype=torch.bfloat16),
-                 "patch_masks": torch.ones(2, dtype=torch.bool),
-                 "labels": torch.randint(4, config.vocab_size, (2, 4))}
-        return engine(**batch).loss
+        return model(**random_batch(config, dtype)).loss
 
-    accelerator.backward(loss())  # a full step (accelerate steps the engine inside backward): Adam states exist
-    engine.backward(loss())  # gradients of the second step are live, before its optimizer step
-    states = zero_model_state_bytes(engine)
-    states.update(stage=zero_stage(accelerator), world_size=accelerator.num_processes)
+    stage = zero_stage(accelerator)
+    accelerator.backward(loss())  # step 1 (accelerate steps a DeepSpeed engine inside backward): Adam states exist
+    if stage:
+        model.backward(loss())  # step 2's gradients, before its optimizer step
+        states = zero_model_state_bytes(model)
+        with TensorMemoryTracker() as step:
+            model.step()
+    else:
+        optimizer.step()
+        optimizer.zero_grad()
+        accelerator.backward(loss())
+        states = torch_model_state_bytes(accelerator.unwrap_model(model), optimizer)
+        with TensorMemoryTracker() as step:
+            optimizer.step()
+    states["step_peak"] = step.peak
+    states.update(stage=stage, world_size=accelerator.num_processes, frozen=frozen)
     (out_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(states))
     accelerator.wait_for_everyone()
 
