@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.init_trackers(run_dir.name)
 
     # 5. resume: weights, optimizer, schedule, RNG, EMA and the exact data position
-    start_step = resume(cfg, accelerator, stream, prepared.ema)
+    start_step = resume(cfg, accelerator, stream, prepared)
 
     # 6. train; final checkpoint, export (EMA weights when enabled), loss curve
     step = train(cfg, accelerator, prepared, stream, start_step)

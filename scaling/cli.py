@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 
 from scaling.environment import require_supported_versions
@@ -152,15 +153,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest complete one)")
     p.add_argument("--merge", action="store_true", help="PEFT runs: also write the model with adapters merged in")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="DANGEROUS: unpickle ZeRO shards without the safe allowlist; they can run code. Trusted runs only")
     p.set_defaults(func=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
+    from scaling.config import ConfigError
+    from scaling.safe_load import CheckpointLoadError
     from scaling.training.checkpoint import CheckpointError, export_checkpoint
 
     try:
-        out = export_checkpoint(args.run_dir, args.out, args.checkpoint, args.merge)
-    except CheckpointError as err:
+        out = export_checkpoint(args.run_dir, args.out, args.checkpoint, args.merge, args.trust_pickle)
+    except (CheckpointError, CheckpointLoadError, ConfigError, pickle.UnpicklingError, OSError) as err:
         print(f"scaling export: {err}", file=sys.stderr)
         return 1
     print(out)
@@ -203,7 +208,7 @@ def _run_infer(args: argparse.Namespace) -> int:
     try:
         result = infer(args.checkpoint, args.task, {k: v for k, v in fields.items() if v}, args.image, candidates,
                        decoding, args.base_checkpoint, args.prompt_type)
-    except (CheckpointNotFound, FileNotFoundError, ValueError) as error:
+    except (CheckpointNotFound, OSError, ValueError, pickle.UnpicklingError) as error:
         print(f"scaling infer: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else result["prediction"])

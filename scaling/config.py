@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -94,7 +95,36 @@ class ModelArgs:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 out.append(f"model.{name} must be in [0, 1), got {value}")
-        return out
+        for name, marker in (("checkpoint", "config.json"), ("tokenizer", None)):
+            path = getattr(self, name)
+            if path is not None and not (Path(path) / (marker or "")).exists():
+                out.append(f"model.{name}: {Path(path) / (marker or '')} does not exist; give a directory written by "
+                           "save_pretrained, `scaling convert` or `scaling export`")
+        return out + self.architecture_problems()
+
+    SIZES = ("_layers", "_heads", "_dim", "d_model", "_width", "vocab_size", "max_positions", "bucket_size")
+
+    def architecture_problems(self) -> list[str]:
+        """An unknown preset, unknown or out-of-range model.overrides, and shapes BiomedGPTConfig refuses."""
+        from scaling.models.biomedgpt.configuration import PRESETS, BiomedGPTConfig  # late: loads transformers
+
+        if self.checkpoint is None and self.preset not in PRESETS:
+            return [f"model.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}"]
+        fields = {f.name: f for f in dataclasses.fields(BiomedGPTConfig)}
+        unknown = sorted(set(self.overrides) - set(fields))
+        if unknown:
+            return [f"model.overrides: unknown BiomedGPTConfig field(s) {', '.join(unknown)}"]
+        sizes = [k for k, v in self.overrides.items() if isinstance(fields[k].default, int) and k.endswith(self.SIZES)
+                 and (isinstance(v, bool) or not isinstance(v, int) or v < 1)]
+        if sizes:
+            return [f"model.overrides.{k} must be a positive integer, got {self.overrides[k]!r}" for k in sizes]
+        if self.checkpoint is not None:
+            return []
+        try:
+            BiomedGPTConfig.from_preset(self.preset, **self.overrides)
+        except (ValueError, TypeError) as err:
+            return [f"model.overrides: {err}"]
+        return []
 
 
 @dataclass
@@ -214,6 +244,10 @@ class TrainArgs:
             out.append(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_grad_norm < 0:
             out.append(f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if not 0 <= self.seed < 2**32:
+            out.append(f"train.seed must be in 0..2**32-1 (numpy's seed range), got {self.seed}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            out.append(f"train.output_dir {self.output_dir} is a file; give a directory for the run's outputs")
         if self.cpu_threads < 0:
             out.append(f"train.cpu_threads must be >= 0 (0 = automatic), got {self.cpu_threads}")
         return out
@@ -496,6 +530,11 @@ class Config:
     def problems(self, runtime: Runtime | None = None) -> list[str]:
         """Every problem of every section plus the cross-section and launch-environment checks."""
         out = [p for section in SECTIONS for p in getattr(self, section).problems()]
+        out += self.non_finite_problems()
+        if self.train.resume is not None:
+            from scaling.training.checkpoint import resume_problems  # late: loads torch
+
+            out += resume_problems(self)
         prefix = [c for c in ("encoder", "decoder") if getattr(self.peft, c) in ("prefix", "ptv2")]
         if prefix and self.train.gradient_checkpointing:
             out.append(f"peft prefix/ptv2 on {', '.join(prefix)} cannot be combined with "
@@ -503,6 +542,12 @@ class Config:
         if runtime is not None:
             out += _runtime_problems(self, runtime)
         return out
+
+    def non_finite_problems(self) -> list[str]:
+        """NaN and infinity pass every range check written as a comparison (lr=nan, max_grad_norm=nan)."""
+        values = {f"{s}.{k}": v for s in SECTIONS for k, v in vars(getattr(self, s)).items()}
+        return [f"{key} must be a finite number, got {value}" for key, value in values.items()
+                if isinstance(value, float) and not math.isfinite(value)]
 
     def validate(self, runtime: Runtime | None = None, source: str | None = None) -> Config:
         """Raise ConfigError with every problem at once; return self when valid."""
@@ -543,18 +588,20 @@ def _runtime_problems(cfg: Config, rt: Runtime) -> list[str]:
 # Loading: YAML + overrides → typed dataclasses
 
 
-def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, str | None]:
+def parse_cli(argv: list[str] | None, description: str, runtime: Runtime | None = None) -> tuple[Config, str | None]:
     """A recipe's command line: `--config FILE` and dotted `key=value` overrides, in any order."""
     require_supported_versions()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="recipe YAML (recipes/configs/...); omit for the defaults")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     args = parser.parse_intermixed_args(argv)
-    return load_config(args.config, args.overrides), args.config
+    return load_config(args.config, args.overrides, runtime), args.config
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from a YAML file (optional) and dotted `key=value` overrides; type and key errors all at once."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                runtime: Runtime | None = None) -> Config:
+    """Build a Config from a YAML file (optional) and dotted `key=value` overrides; key and type errors are reported
+    together with every validation problem (against `runtime` when given) of the keys that did parse."""
     raw: dict[str, Any] = {}
     source = str(path) if path else None
     if path is not None:
@@ -572,7 +619,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         _apply_override(raw, item, problems)
     cfg = _build(Config, raw, "", problems)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems + cfg.problems(runtime), source)
     cfg._source = source
     return cfg
 

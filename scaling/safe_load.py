@@ -1,10 +1,16 @@
 """Load checkpoints without running arbitrary code: safetensors, or `torch.load(weights_only=True)` with a narrow allowlist.
 
-A pickle (`.pt`, `.bin`) can call any Python function while it is read. PyTorch's weights-only unpickler only builds
-tensors and plain containers; fairseq checkpoints (OFA, BiomedGPT) additionally store their training arguments as an
-`argparse.Namespace`, numpy scalars in `extra_state`, and in some versions an omegaconf `DictConfig`. Exactly those
-classes are allowlisted below: each is a passive data holder whose reconstruction cannot reach a file, a process or an
-import. Anything else is refused with the list of the offending globals.
+A pickle (`.pt`, `.bin`, `.pkl`) can call any Python function while it is read. PyTorch's weights-only unpickler only
+builds tensors and plain containers; fairseq checkpoints (OFA, BiomedGPT) additionally store their training arguments
+as an `argparse.Namespace`, numpy scalars in `extra_state`, and in some versions an omegaconf `DictConfig`. Training
+checkpoints hold numpy arrays (accelerate's `random_states_*.pkl`) and three passive DeepSpeed records (the ZeRO stage
+enum, the loss scaler, fragment addresses). Exactly those classes are allowlisted below: each is a passive data holder
+whose reconstruction cannot reach a file, a process or an import. Anything else is refused with the list of the
+offending globals.
+
+Training checkpoints are read by accelerate and DeepSpeed, whose own `torch.load` calls ask for full unpickling.
+`check_pickles` reads the opcodes of every pickle in a checkpoint without running them and refuses the checkpoint
+before any load; `weights_only_loads()` then forces every `torch.load` inside it to be weights-only.
 
 `trust_pickle=True` (`--trust-pickle` on the command line) is the only way around the allowlist. It runs the full
 pickle machinery and therefore any code the file contains: use it only for a file whose origin you trust.
@@ -12,7 +18,9 @@ pickle machinery and therefore any code the file contains: use it only for a fil
 
 import argparse
 import collections
+import contextlib
 import json
+import os
 import pickle
 import re
 import typing
@@ -67,6 +75,80 @@ def _omegaconf_globals() -> list:
 def fairseq_safe_globals() -> list:
     """The allowlist for fairseq/OFA checkpoints: Namespace, numpy scalars, and omegaconf containers if importable."""
     return [argparse.Namespace, *_numpy_scalar_globals(), *_omegaconf_globals()]
+
+
+def _numpy_array_globals() -> list:
+    """numpy arrays (the RNG state in accelerate's random_states_*.pkl) and their dtypes."""
+    rebuild = np._core.multiarray._reconstruct
+    # arrays written under numpy 1.x name the rebuild function `numpy.core.multiarray._reconstruct`
+    return [np.ndarray, rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _deepspeed_globals() -> list:
+    """DeepSpeed's passive records in ZeRO optimizer states, when DeepSpeed is installed; empty otherwise."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def training_safe_globals() -> list:
+    """The allowlist for this toolkit's training checkpoints (accelerate and DeepSpeed states)."""
+    return [*_numpy_scalar_globals(), *_numpy_array_globals(), *_deepspeed_globals()]
+
+
+TRAINING_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+
+def check_pickles(directory: str | Path, trust_pickle: bool = False) -> None:
+    """Refuse a training checkpoint any of whose pickles needs a global outside the allowlist (opcodes read, not run)."""
+    if trust_pickle:
+        return
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.suffix in TRAINING_PICKLE_SUFFIXES:
+            blocked = unsafe_globals(path, training_safe_globals())
+            if blocked:
+                raise CheckpointLoadError(
+                    f"Refused to load {path}: it needs Python objects outside the safe allowlist "
+                    f"({', '.join(blocked)}), and unpickling them could run code. Training checkpoints written by "
+                    f"this toolkit never do: the file was replaced or damaged. {TRUST_HINT}")
+
+
+def unsafe_globals(path: Path, allowlist: list) -> list[str]:
+    """The globals a torch.save file names beyond `allowlist` and torch's own safe set (a static read)."""
+    try:
+        with torch.serialization.safe_globals(allowlist):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as error:  # not a torch zip archive (a raw pickle), or a damaged one
+        raise CheckpointLoadError(
+            f"Refused to load {path}: it is not a torch.save archive whose contents can be checked before loading "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}). {TRUST_HINT}"
+        ) from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(trust_pickle: bool = False) -> typing.Iterator[None]:
+    """Inside, every torch.load (ours, accelerate's, DeepSpeed's) is weights-only with `training_safe_globals()`."""
+    if trust_pickle:
+        logger.warning("Loading a checkpoint with unrestricted pickles (trust_pickle=True): any code stored in its "
+                       "files runs now. Only do this for files from a source you trust.")
+        yield
+        return
+    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                           "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # torch.load reads it at every call, over weights_only=False
+    try:
+        with torch.serialization.safe_globals(training_safe_globals()):
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def load_pickle_checkpoint(path: str | Path, trust_pickle: bool = False) -> typing.Any:

@@ -5,6 +5,9 @@ import datetime
 import json
 import logging
 import os
+import pickle
+import re
+import shutil
 from collections import OrderedDict
 
 import numpy as np
@@ -158,3 +161,80 @@ def test_omegaconf_config_loads_when_omegaconf_is_installed(tmp_path):
         "model": {"arch": "ofa_base", "layers": [6, 6]},
         "task": {"name": "vqa_gen"},
     }
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory):
+    """A real accelerate checkpoint (weights, AdamW, LambdaLR, RNG states) written by the toolkit's save."""
+    from accelerate import Accelerator
+
+    from scaling.training.checkpoint import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(accelerator, tmp_path_factory.mktemp("run"), 1, {"data": {}}, keep_last=1)
+    return accelerator, path
+
+
+def plant(file, payload, raw: bool = False) -> None:
+    """Replace a checkpoint file by one that also holds `payload`, and re-sign the manifest as an attacker would."""
+    from scaling.training.checkpoint import COMPLETE, write_manifest
+
+    original = torch.load(file, weights_only=False)
+    if raw:
+        file.write_bytes(pickle.dumps({"state": original, "payload": payload}))
+    else:
+        torch.save({**original, "payload": payload} if isinstance(original, dict) else [original, payload], file)
+    (file.parent / COMPLETE).unlink()
+    write_manifest(file.parent, 1, 1)
+
+
+@pytest.mark.parametrize("name,raw", [("optimizer.bin", False), ("scheduler.bin", False),
+                                      ("random_states_0.pkl", False), ("random_states_0.pkl", True)])
+def test_a_payload_planted_in_a_training_checkpoint_is_refused_before_anything_is_unpickled(
+        tmp_path, training_checkpoint, name, raw):
+    from scaling.training.checkpoint import load_checkpoint, verify_checkpoint
+
+    accelerator, original = training_checkpoint
+    checkpoint = tmp_path / original.name
+    shutil.copytree(original, checkpoint)
+    marker = tmp_path / "created_by_pickle"
+    plant(checkpoint / name, RunsShellWhenUnpickled(marker), raw)
+    verify_checkpoint(checkpoint)  # the manifest was re-signed: only the allowlist stands in the way
+    refusal = r"posix\.system" if not raw else r"not a torch\.save archive"
+    with pytest.raises(CheckpointLoadError, match=rf"Refused to load {re.escape(str(checkpoint / name))}.*{refusal}"):
+        load_checkpoint(accelerator, checkpoint)
+    assert not marker.exists()
+
+
+def test_the_planted_payload_really_runs_under_an_unrestricted_load(tmp_path, training_checkpoint):
+    _, original = training_checkpoint
+    checkpoint = tmp_path / original.name
+    shutil.copytree(original, checkpoint)
+    marker = tmp_path / "created_by_pickle"
+    plant(checkpoint / "optimizer.bin", RunsShellWhenUnpickled(marker))
+    torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert marker.exists()  # so its absence above means the loader refused it
+
+
+def test_infer_refuses_a_model_directory_whose_weights_hold_a_payload(tmp_path, capsys):
+    from scaling.cli import main
+    from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
+
+    model_dir, marker = tmp_path / "model", tmp_path / "created_by_pickle"
+    tokenizer = train_bpe_tokenizer(["is there a lesion", "yes", "no"] * 20, vocab_size=300, num_codes=0, num_bins=0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer)))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()  # the weights as a pickle, with a payload
+    torch.save({**model.state_dict(), "payload": RunsShellWhenUnpickled(marker)}, model_dir / "pytorch_model.bin")
+    status = main(["infer", "--checkpoint", str(model_dir), "--question", "is there a lesion?", "--task", "qa",
+                   "--context", "none"])
+    assert status == 1 and not marker.exists()
+    assert "scaling infer:" in capsys.readouterr().err

@@ -20,7 +20,11 @@ _DICOM_MAGIC_OFFSET = 128
 
 
 class ImageError(ValueError):
-    """An image cannot be used; the message names it and says what to do."""
+    """An image cannot be used; the message names it, says what is wrong (`problem`) and what to do (`fix`)."""
+
+    def __init__(self, name: str, problem: str, fix: str):
+        self.name, self.problem, self.fix = name, problem, fix
+        super().__init__(f"{name}: {problem}. Fix: {fix}")
 
 
 class ImageTooLarge(ImageError):
@@ -34,7 +38,7 @@ def load_image(ref: ImageRef | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS
     try:
         data = ref.read_bytes()
     except OSError as error:
-        raise ImageError(f"{ref.describe()}: cannot read image ({error}). Fix: check the image path") from None
+        raise ImageError(ref.describe(), f"cannot read image ({error.strerror or error})", "check the image path") from None
     if _is_dicom(ref, data):
         return _load_dicom(data, ref.describe())
     return to_rgb(_decode_pil(data, ref.describe(), max_pixels))
@@ -52,13 +56,13 @@ def _decode_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
                 image.load()
                 return ImageOps.exif_transpose(image)
         except Image.DecompressionBombError as error:
-            raise ImageTooLarge(f"{name}: {error}. Fix: downscale the image or raise max_pixels") from None
+            raise ImageTooLarge(name, str(error), "downscale the image or raise max_pixels") from None
+        except Image.UnidentifiedImageError:  # PIL's message names its in-memory buffer, not the file
+            raise ImageError(name, "not an image format PIL or pydicom can read", "re-export or remove this file") from None
         except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"{name}: cannot decode image ({error}). Fix: re-export or remove this file") from None
-    raise ImageTooLarge(
-        f"{name}: {width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
-        "(decompression-bomb guard). Fix: downscale the image or raise max_pixels if it is trusted"
-    )
+            raise ImageError(name, f"cannot decode image ({error})", "re-export or remove this file") from None
+    raise ImageTooLarge(name, f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,} "
+                              "(decompression-bomb guard)", "downscale the image or raise max_pixels if it is trusted")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -91,13 +95,13 @@ def _load_dicom(data: bytes, name: str) -> Image.Image:
     try:
         import pydicom
     except ImportError:
-        raise ImageError(f"{name}: reading DICOM needs pydicom. Fix: pip install 'scaling[dicom]'") from None
+        raise ImageError(name, "reading DICOM needs pydicom", "pip install 'scaling[dicom]'") from None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         pixels = dataset.pixel_array.astype(np.float64)
     except Exception as error:  # pydicom raises many types for bad files and missing pixel handlers
-        raise ImageError(f"{name}: cannot decode DICOM ({error}). Fix: convert it to PNG or install the "
-                         "pixel-data handler pydicom names") from None
+        raise ImageError(name, f"cannot decode DICOM ({error})",
+                         "convert it to PNG or install the pixel-data handler pydicom names") from None
     if getattr(dataset, "PhotometricInterpretation", "") == "RGB":
         return Image.fromarray(rescale_to_uint8(pixels)).convert("RGB")
     pixels = pixels * float(getattr(dataset, "RescaleSlope", 1)) + float(getattr(dataset, "RescaleIntercept", 0))

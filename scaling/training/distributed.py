@@ -9,7 +9,10 @@ offload, several machines, Slurm) takes the same path.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -60,6 +63,31 @@ def build_accelerator(cfg: Config) -> Accelerator:
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         log.info("CPU: %d intra-op threads per process", torch.get_num_threads())
     return accelerator
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def under_launcher() -> bool:
+    """Whether a launcher started this process: torchrun / accelerate launch with several processes (LOCAL_RANK) or
+    a single-process `accelerate launch` (ACCELERATE_USE_CPU is always set by it)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_USE_CPU" in os.environ
+
+
+def die_with_launcher() -> None:
+    """Under a launcher, have Linux send this process SIGTERM when the launcher dies.
+
+    The training loop then writes a checkpoint at the next step boundary and exits, instead of training on as an
+    orphan beside a restarted job; a SIGTERM that kills a single-process `accelerate launch` (e.g. `docker stop`)
+    reaches the run the same way. No effect off Linux or without a launcher.
+    """
+    if not under_launcher() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("could not ask to be stopped with the launcher (prctl: %s)", os.strerror(ctypes.get_errno()))
+    elif os.getppid() == 1:  # the launcher died before the request: re-parented to init
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cpu_threads(requested: int) -> int:

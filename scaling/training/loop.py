@@ -16,7 +16,7 @@ import torch
 from scaling.config import Config
 from scaling.logging import get_logger
 from scaling.training.batches import BatchStream
-from scaling.training.checkpoint import save_checkpoint
+from scaling.training.checkpoint import save_checkpoint, trainer_state
 from scaling.training.distributed import uses_deepspeed
 from scaling.training.tracking import TrainingProgress
 
@@ -73,15 +73,17 @@ def train(cfg: Config, accelerator, prepared, stream: BatchStream, start_step: i
                 with accelerator.accumulate(model):
                     loss = loss_step(model, batch)
                     usable = all_ranks(accelerator, bool(torch.isfinite(loss.detach())))  # sync point
-                    if usable or not deepspeed:
-                        # DDP expects a backward after every forward: a poisoned micro-batch's gradients are
-                        # discarded below. DeepSpeed steps inside backward, so there a bad loss never enters it.
-                        accelerator.backward(loss)
+                    # Every micro-batch goes through backward, so the accumulation window stays the same for the
+                    # launcher's engine: DDP's gradients of a poisoned window are dropped below; DeepSpeed finds the
+                    # non-finite gradients at the window's end, skips that step and clears the whole window.
+                    accelerator.backward(loss)
                     if usable:
                         loss_sum += loss.detach()
                     finite = finite and usable
             # --- optimizer step, or a skipped one ---
             if not finite:
+                if deepspeed and not optimizer.step_was_skipped:
+                    raise FloatingPointError(deepspeed_applied_nonfinite(step + 1))
                 optimizer.zero_grad(set_to_none=True)
                 attempts_at_step += 1
                 nonfinite_in_a_row += 1
@@ -89,11 +91,7 @@ def train(cfg: Config, accelerator, prepared, stream: BatchStream, start_step: i
                 log.warning("non-finite loss at step %d (attempt %d): step skipped (%d in a row, %d in total)",
                             step + 1, attempts_at_step, nonfinite_in_a_row, nonfinite_total)
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (train."
-                        f"max_nonfinite_steps={args.max_nonfinite_steps}); stopping. The last good checkpoint in "
-                        f"{run_dir}/checkpoints is intact: lower train.lr, enable train.max_grad_norm or use bf16 "
-                        "instead of fp16, then resume with train.resume=auto")
+                    raise FloatingPointError(too_many_nonfinite(cfg, nonfinite_in_a_row, prepared.checkpoint))
                 continue
             grad_norm = None
             if args.max_grad_norm > 0:  # DeepSpeed clips inside its step (gradient_clipping) and reports the norm
@@ -109,7 +107,8 @@ def train(cfg: Config, accelerator, prepared, stream: BatchStream, start_step: i
             loss_mean = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean").item()
             lr = scheduler.get_last_lr()[0]
             speed = progress.update(step, loss_mean, lr, samples_per_step)
-            row = {"loss": loss_mean, "lr": lr, "samples_per_s": speed, "nonfinite_skipped": nonfinite_total}
+            row = {"loss": loss_mean, "lr": lr, "samples_per_s": speed, "nonfinite_skipped": nonfinite_total,
+                   "images_skipped": stream.images_skipped}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             accelerator.log(row, step=step)
@@ -119,10 +118,36 @@ def train(cfg: Config, accelerator, prepared, stream: BatchStream, start_step: i
             # --- checkpoint every save_every steps, and on SIGTERM (sync point: all ranks agree to stop) ---
             preempted = any_rank(accelerator, stop.received)
             if step % args.save_every == 0 or preempted:
-                save_checkpoint(accelerator, run_dir, step, {"data": stream.state_dict()}, args.keep_last, ema)
+                prepared.checkpoint = save_checkpoint(accelerator, run_dir, step, trainer_state(cfg, stream),
+                                                      args.keep_last, ema, parent=prepared.checkpoint)
             if preempted:
                 log.warning("SIGTERM received: checkpoint of step %d written; exiting (resume with "
                             "train.resume=auto)", step)
                 accelerator.end_training()
                 sys.exit(128 + signal.SIGTERM)
     return step
+
+
+def too_many_nonfinite(cfg: Config, in_a_row: int, checkpoint) -> str:
+    """The stop message: what is intact, and what to change, given the run's own settings."""
+    args = cfg.train
+    if checkpoint is not None:
+        intact = f"The newest checkpoint, {checkpoint}, holds the last good state"
+        restart = "then resume with train.resume=auto (the new values apply from the resumed step)"
+    else:
+        intact = f"No checkpoint was written yet (train.save_every={args.save_every})"
+        restart = "then start the run again"
+    advice = [f"lower train.lr (now {args.lr:g})"]
+    if args.max_grad_norm == 0:
+        advice.append("set train.max_grad_norm (e.g. 1.0) to clip gradients")
+    if args.mixed_precision == "fp16":
+        advice.append("use bf16 instead of fp16")
+    return (f"{in_a_row} optimizer steps in a row had a non-finite loss (train.max_nonfinite_steps="
+            f"{args.max_nonfinite_steps}); stopping. {intact}: {', '.join(advice)}, {restart}")
+
+
+def deepspeed_applied_nonfinite(step: int) -> str:
+    return (f"step {step} had a non-finite loss, and DeepSpeed applied the update instead of skipping it (its "
+            "overflow check is off in this configuration: fp32 without gradient clipping, or bf16.check_grad_overflow "
+            "false). The weights are no longer finite; the newest checkpoint is intact. Set train.max_grad_norm > 0 "
+            "or use bf16/fp16 with the overflow check, then resume with train.resume=auto")

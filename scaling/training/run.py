@@ -5,24 +5,25 @@
     tokenizer = build_tokenizer(cfg, accelerator, train_data)
     model = build_model(cfg, tokenizer)
     prepared = prepare_for_training(accelerator, model, cfg)      # optimizer, schedule, EMA, one prepare()
-    start = resume(cfg, accelerator, stream, prepared.ema)
+    start = resume(cfg, accelerator, stream, prepared)            # this run's optimizer and schedule settings
     step = train(cfg, accelerator, prepared, stream, start)       # scaling.training.loop
     finish_training(cfg, accelerator, prepared, tokenizer, stream, step)
 
 `run_recipe(main)` is every recipe's `__main__`: user mistakes are one message and exit code 2, a run stopped for a
-known reason (a damaged checkpoint, a run of non-finite losses) one message and exit code 1; anything else keeps its
-traceback.
+known reason (a damaged checkpoint, a run of non-finite losses, a full disk) one message and exit code 1; anything
+else keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config
 from scaling.data.images import ImageError
@@ -30,30 +31,41 @@ from scaling.data.loading import SourceSplit
 from scaling.data.records import DataError
 from scaling.logging import get_logger, setup_logging
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from scaling.safe_load import CheckpointLoadError
+from scaling.safe_load import CheckpointLoadError, check_pickles
 from scaling.training.checkpoint import (
     TOKENIZER_DIR,
     CheckpointError,
+    changed_settings,
+    checkpoint_dir,
     export_from_run,
-    find_resume,
+    list_checkpoints,
     load_checkpoint,
+    no_usable_checkpoint,
+    remove_partial_saves,
+    replace_atomically,
+    resume_candidates,
     save_checkpoint,
     save_run_model_info,
+    trainer_state,
+    verify_checkpoint,
 )
 from scaling.training.distributed import (
     build_accelerator,
     cast_for_deepspeed,
+    die_with_launcher,
     fill_deepspeed_auto,
     log_parameter_shares,
     uses_deepspeed_cpu_adam,
 )
 from scaling.training.ema import EMA
 from scaling.training.optim import build_optimizer, build_scheduler
+from scaling.training.run_lock import RunDirectoryBusy, lock_run_directory
 from scaling.training.tracking import plot_loss, truncate_metrics
 
 log = get_logger(__name__)
 
-USER_ERRORS = (ConfigError, DataError, ImageError, CheckpointLoadError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ImageError, CheckpointLoadError, RunDirectoryBusy, FileNotFoundError,
+               PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 """A mistake in what the user asked for: the message names the file, the record or the key, and the fix."""
 STOPPED = (CheckpointError, FloatingPointError)
 """The run stopped for a reason it explains (a damaged checkpoint, a run of non-finite losses)."""
@@ -69,6 +81,12 @@ def run_recipe(main: Callable[[], object]) -> None:
     except STOPPED as error:
         report_error(error, every_rank=True)
         sys.exit(1)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        report_error(OSError(f"no space left on the device of {error.filename or 'the run directory'}: free space, "
+                             "then resume with train.resume=auto"), every_rank=True)
+        sys.exit(1)
 
 
 def report_error(error: Exception, every_rank: bool) -> None:
@@ -79,14 +97,25 @@ def report_error(error: Exception, every_rank: bool) -> None:
 def start_run(argv: list[str] | None, description: str) -> tuple[Config, Accelerator]:
     """The config (YAML + overrides, validated against the launch environment before any work), logging into the
     run directory, the Accelerator, the resolved config.yaml and the seed."""
-    cfg, config_path = parse_cli(argv, description)
-    cfg.validate(Runtime.from_env(), source=config_path)
+    die_with_launcher()  # a killed launcher stops its workers at the next step boundary
+    runtime = Runtime.from_env()
+    cfg, config_path = parse_cli(argv, description, runtime)
+    cfg.validate(runtime, source=config_path)
     setup_logging(cfg.train.output_dir, cfg.logging.level)
     accelerator = build_accelerator(cfg)  # processes, precision, trackers
+    hold_run_directory(accelerator, cfg.train.output_dir)
     if accelerator.is_main_process:
+        remove_partial_saves(cfg.train.output_dir)  # left by a killed run; no other run writes here now
         save_config(cfg, cfg.train.output_dir)
     set_seed(cfg.train.seed)  # identical weights on every rank, then per-rank data order
     return cfg, accelerator
+
+
+def hold_run_directory(accelerator: Accelerator, run_dir: str) -> None:
+    """Rank 0 locks the run directory for this run; every rank stops when another live run holds it (sync point)."""
+    [busy] = broadcast_object_list([lock_run_directory(run_dir) if accelerator.is_main_process else None])
+    if busy:
+        raise RunDirectoryBusy(busy)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,8 +144,8 @@ def build_tokenizer(cfg: Config, accelerator, train_data: list[SourceSplit]):
         return load_tokenizer(path)
     run_tokenizer = Path(cfg.train.output_dir) / TOKENIZER_DIR
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not run_tokenizer.is_dir():
-            train_bpe_tokenizer(tokenizer_corpus(train_data)).save_pretrained(run_tokenizer)
+        if accelerator.is_main_process and not run_tokenizer.is_dir():  # once per run directory, atomically
+            replace_atomically(run_tokenizer, train_bpe_tokenizer(tokenizer_corpus(train_data)).save_pretrained)
     return load_tokenizer(run_tokenizer)
 
 
@@ -168,12 +197,14 @@ def build_tokenizer_and_model(cfg: Config, accelerator, train_data: list[SourceS
 
 @dataclass
 class Prepared:
-    """What `accelerator.prepare` returned, plus the EMA of the weights (None when train.ema_decay is 0)."""
+    """What `accelerator.prepare` returned, plus the EMA of the weights (None when train.ema_decay is 0) and the
+    checkpoint the training state was last saved to or resumed from (the parent of the next save)."""
 
     model: object
     optimizer: object
     scheduler: object
     ema: EMA | None
+    checkpoint: Path | None = None
 
 
 def prepare_for_training(accelerator: Accelerator, model, cfg: Config) -> Prepared:
@@ -188,18 +219,34 @@ def prepare_for_training(accelerator: Accelerator, model, cfg: Config) -> Prepar
     return Prepared(model, optimizer, scheduler, ema)
 
 
-def resume(cfg: Config, accelerator, stream, ema: EMA | None) -> int:
-    """Load the checkpoint train.resume points at (none: start at step 0); drop step-log lines it will redo."""
-    path = find_resume(cfg.train.output_dir, cfg.train.resume)
-    if path is None:
+def resume(cfg: Config, accelerator, stream, prepared: Prepared) -> int:
+    """Load the checkpoint train.resume points at (none: start at step 0) and apply this run's optimizer and schedule
+    settings on top; drop the step-log lines it will redo.
+
+    For 'auto' that is the newest intact checkpoint of the live line: a damaged one (checksum, manifest, a load
+    failure) is skipped with a warning for its parent. A checkpoint holding code-running pickles stops the run.
+    """
+    start, settings, problems = 0, optimizer_settings(prepared), []
+    for path in resume_candidates(cfg.train.output_dir, cfg.train.resume):
+        try:
+            state = restore_checkpoint(accelerator, path, prepared.ema)
+        except CheckpointError as err:
+            if cfg.train.resume != "auto":
+                raise
+            log.warning("%s; falling back to the previous checkpoint of this run", err, extra={"all_ranks": True})
+            problems.append(str(err))
+            continue
+        apply_optimizer_settings(prepared, settings)
+        log_setting_changes(state.get("config"), cfg, path)
+        stream.load_state_dict(state["data"])
+        start, prepared.checkpoint = state["step"], path
+        log.info("resumed from %s at step %d", path, start)
+        break
+    else:
+        if problems or (cfg.train.resume == "auto" and list_checkpoints(cfg.train.output_dir)):
+            raise no_usable_checkpoint(cfg.train.output_dir, problems)
         if cfg.train.resume == "auto":
             log.info("train.resume=auto: no complete checkpoint in %s, starting at step 0", cfg.train.output_dir)
-        start = 0
-    else:
-        state = load_checkpoint(accelerator, path, ema)
-        stream.load_state_dict(state["data"])
-        start = state["step"]
-        log.info("resumed from %s at step %d", path, start)
     if accelerator.is_main_process:
         dropped = truncate_metrics(cfg.train.output_dir, start)
         if dropped:
@@ -208,12 +255,63 @@ def resume(cfg: Config, accelerator, stream, ema: EMA | None) -> int:
     return start
 
 
+def restore_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> dict:
+    """Rank 0 verifies the checkpoint (checksums, pickle allowlist), then every rank loads it; a failure anywhere is
+    the same CheckpointError on every rank (sync points)."""
+    verdict = None
+    if accelerator.is_main_process:
+        try:
+            verify_checkpoint(path)
+            check_pickles(path)
+        except (CheckpointError, CheckpointLoadError) as err:
+            verdict = (isinstance(err, CheckpointLoadError), str(err))
+    [verdict] = broadcast_object_list([verdict])
+    if verdict is not None:
+        unsafe, message = verdict
+        raise (CheckpointLoadError if unsafe else CheckpointError)(message)
+    try:
+        state, failure = load_checkpoint(accelerator, path, ema), None
+    except CheckpointError as err:
+        state, failure = None, str(err)
+    failures = [f for f in gather_object([failure]) if f is not None]
+    if failures:
+        raise CheckpointError(failures[0])
+    return state
+
+
+def optimizer_settings(prepared: Prepared) -> list[tuple[float, float]]:
+    """(peak lr, weight decay) of each parameter group, as this run's config built them."""
+    groups = prepared.optimizer.param_groups
+    return [(base, group["weight_decay"]) for base, group in zip(prepared.scheduler.scheduler.base_lrs, groups,
+                                                                 strict=True)]
+
+
+def apply_optimizer_settings(prepared: Prepared, settings: list[tuple[float, float]]) -> None:
+    """After a resume: this run's peak lr and weight decay over the restored moments and step count; the schedule's
+    shape (warm-up, decay, max_steps) already is this run's. The restored state would bring back the checkpoint's."""
+    schedule, groups = prepared.scheduler.scheduler, prepared.optimizer.param_groups
+    schedule.base_lrs = [base for base, _ in settings]
+    for group, (base, decay), factor in zip(groups, settings, schedule.lr_lambdas, strict=True):
+        group.update(weight_decay=decay, initial_lr=base, lr=base * factor(schedule.last_epoch))
+    schedule._last_lr = [group["lr"] for group in groups]
+
+
+def log_setting_changes(saved: dict | None, cfg: Config, path: Path) -> None:
+    """Name every setting that differs from the checkpoint's: this run's values apply from here on."""
+    for key, (old, new) in changed_settings(saved or {}, cfg.to_dict()).items():
+        if key == "train.resume":  # how this run started, not how it trains
+            continue
+        log.warning("resume: %s=%r (checkpoint %s was trained with %r): this run's value applies from here on",
+                    key, new, path.name, old)
+
+
 def finish_training(cfg: Config, accelerator, prepared: Prepared, tokenizer, stream, step: int) -> Path:
     """Stop the batch stream, write the final checkpoint, export (EMA weights when enabled), plot the loss curve."""
     run_dir = Path(cfg.train.output_dir)
     stream.close()
-    if step % cfg.train.save_every:
-        save_checkpoint(accelerator, run_dir, step, {"data": stream.state_dict()}, cfg.train.keep_last, prepared.ema)
+    if prepared.checkpoint != checkpoint_dir(run_dir, step):  # the final state is not saved yet
+        prepared.checkpoint = save_checkpoint(accelerator, run_dir, step, trainer_state(cfg, stream),
+                                              cfg.train.keep_last, prepared.ema, parent=prepared.checkpoint)
     if prepared.ema is not None:
         prepared.ema.copy_to(accelerator.unwrap_model(prepared.model))
     export = export_from_run(accelerator, prepared.model, tokenizer, run_dir / "export")

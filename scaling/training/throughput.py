@@ -129,6 +129,8 @@ def step_flops(model, batch: dict, precision: str, device: torch.device) -> int:
 class FixedBatches:
     """A BatchStream stand-in for the training loop: the same prepared batches in turn."""
 
+    images_skipped = 0  # the step log's count of undecodable images: these batches are decoded already
+
     def __init__(self, batches: list[dict]):
         self.batches, self.position = batches, 0
 

@@ -1,5 +1,6 @@
 """The catalogue of bad inputs: each is a counted skip or a clear error naming the file, the record and the fix."""
 
+import base64
 import io
 import json
 from collections import Counter
@@ -122,3 +123,120 @@ def test_missing_dataset_path_unknown_source_option_and_split(tmp_path: Path, vq
         load_source("vqa_rad", vqa_rad_fixture, "train", q_lang="en")
     with pytest.raises(DataError, match="no split 'validation'; it has train, test"):
         load_source("pubmedqa", tmp_path, "validation")
+
+
+# ---- image paths that leave the dataset folder ------------------------------------------------------------------
+
+ESCAPES = ["../secret.png", "{secret}", "images/../../secret.png"]
+
+
+def vqa_rad_release(root: Path, names: list[str]) -> str:
+    rows = [{**GOOD, "qid": i, "image_name": name} for i, name in enumerate(names)]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    return "images"
+
+
+def slake_release(root: Path, names: list[str]) -> str:
+    rows = [{"qid": i, "img_name": name, "question": "Is it normal?", "answer": "yes", "answer_type": "CLOSED",
+             "q_lang": "en"} for i, name in enumerate(names)]
+    (root / "train.json").write_text(json.dumps(rows))
+    return "imgs"
+
+
+def llava_med_release(root: Path, names: list[str]) -> str:
+    rows = [{"id": str(i), "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                             {"from": "gpt", "value": "a scan"}]}
+            for i, name in enumerate(names)]
+    (root / "train.json").write_text(json.dumps(rows))
+    return "images"
+
+
+def pathvqa_release(root: Path, names: list[str]) -> str:
+    rows = [{"image": name, "question": "Is it normal?", "answer": "yes"} for name in names]
+    (root / "train.json").write_text(json.dumps(rows))
+    return "images/train"
+
+
+def caption_tsv_release(root: Path, names: list[str]) -> str:
+    (root / "train_images.tsv").write_text("".join(f"{name}\tA normal chest.\n" for name in names))
+    return "images"
+
+
+def r2gen_release(root: Path, names: list[str]) -> str:
+    rows = [{"id": str(i), "report": "A normal chest.", "image_path": [name]} for i, name in enumerate(names)]
+    (root / "annotation.json").write_text(json.dumps({"train": rows}))
+    return "images"
+
+
+OPTIONS = {"caption_tsv": {"validation_fraction": 0.0}}  # every line in the train split
+RELEASES = {"vqa_rad": vqa_rad_release, "slake": slake_release, "llava_med": llava_med_release,
+            "pathvqa": pathvqa_release, "caption_tsv": caption_tsv_release, "iu_xray_r2gen": r2gen_release}
+
+
+def escaping_release(tmp_path: Path, source: str) -> tuple[Path, Path]:
+    """A release of `source` with one good image and image names that point at a real file outside it."""
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(secret)
+    root = tmp_path / "release"
+    root.mkdir()
+    names = ["good.png", *(name.format(secret=secret) for name in ESCAPES)]
+    images = RELEASES[source](root, names)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save((root / images).mkdir(parents=True) or root / images / "good.png")
+    return root, secret
+
+
+@pytest.mark.parametrize("source", RELEASES)
+def test_image_paths_outside_the_dataset_folder_are_refused_with_record_and_path(tmp_path: Path, source: str):
+    root, secret = escaping_release(tmp_path, source)
+    result = load_source(source, root, "train", **OPTIONS.get(source, {}))
+    assert [r.image.path.name for r in result.records] == ["good.png"]
+    assert result.skipped == Counter({"image path outside the dataset folder": len(ESCAPES)})
+    with pytest.raises(RecordError) as info:
+        load_source(source, root, "train", on_bad_record="error", **OPTIONS.get(source, {}))
+    assert "record 1" in str(info.value) and "'../secret.png'" in str(info.value)
+    assert "image path outside the dataset folder" in str(info.value)
+
+
+def test_images_dir_is_the_explicit_way_to_read_images_elsewhere(tmp_path: Path):
+    root, secret = escaping_release(tmp_path, "vqa_rad")
+    result = load_source("vqa_rad", root, "train", images_dir=str(tmp_path))
+    assert secret in {r.image.path for r in result.records}
+
+
+@pytest.mark.parametrize("to", ["tsv", "instruct"])
+def test_data_convert_copies_nothing_from_outside_the_dataset(tmp_path: Path, to: str):
+    from scaling.cli import main
+
+    root, secret = escaping_release(tmp_path, "vqa_rad")
+    out = tmp_path / "out" / ("train.tsv" if to == "tsv" else "train.json")
+    assert main(["data", "convert", "vqa_rad", "--path", str(root), "--to", to, "--out", str(out)]) == 0
+    written = b"".join(p.read_bytes() for p in out.parent.rglob("*") if p.is_file())
+    assert base64.b64encode(secret.read_bytes()) not in written and secret.read_bytes() not in written
+    good = base64.b64encode((root / "images" / "good.png").read_bytes())
+    assert good in written or (root / "images" / "good.png").read_bytes() in written  # the converter did copy images
+
+
+# ---- MedMNIST arrays that do not match the release's layout, and image error messages ----------------------------
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"train_labels": np.zeros((2, 1), dtype=np.uint8)}, r"3 'train_images' but 2 'train_labels'"),
+    ({"train_images": np.full((3, 8, 8), 0.5, dtype=np.float32)}, r"'train_images' are float32; .*uint8"),
+    ({"train_images": np.zeros((3, 8, 8, 2), dtype=np.uint8)}, r"shape \(3, 8, 8, 2\); expected"),
+])
+def test_medmnist_arrays_outside_the_release_layout_are_a_clear_error(tmp_path: Path, change: dict, message: str):
+    arrays = {"train_images": np.zeros((3, 8, 8), dtype=np.uint8), "train_labels": np.zeros((3, 1), dtype=np.uint8),
+              **change}
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_source("medmnist", tmp_path / "pneumoniamnist.npz", "train")
+
+
+def test_an_image_error_names_the_file_once_with_one_fix(catalogue_release: Path):
+    with pytest.raises(RecordError) as info:
+        rows = [{**GOOD, "qid": 3, "image_name": "corrupt.jpg"}]
+        (catalogue_release / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+        load_source("vqa_rad", catalogue_release, "train", on_bad_record="error", verify_images=True)
+    message = str(info.value)
+    assert "BytesIO" not in message and message.count("Fix:") == 1, message
+    assert str(catalogue_release / "images" / "corrupt.jpg") in message

@@ -9,6 +9,9 @@ Faults (each process of a launch applies them to itself):
                            start, that poisons the first COUNT attempts at optimizer step FIRST.
   kill_during_save=STEP    the process SIGKILLs itself when it is about to mark step STEP's checkpoint complete:
                            `scaling.training.checkpoint.write_manifest` is wrapped (it runs on the main process).
+  skip_batches=N           the batch stream hands out N micro-batches that are never trained on before training
+                           starts: `scaling.training.loop.train` is wrapped (the reference for a window that the
+                           non-finite guard throws away).
 """
 
 from __future__ import annotations
@@ -36,16 +39,28 @@ def poison_losses(first: int, count: int) -> None:
 def kill_during_save(at_step: int) -> None:
     real = checkpoint.write_manifest
 
-    def write_manifest(directory, step, world_size):
+    def write_manifest(directory, step, world_size, parent=None):
         if step == at_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        real(directory, step, world_size)
+        return real(directory, step, world_size, parent)
 
     checkpoint.write_manifest = write_manifest
 
 
+def skip_batches(count: int) -> None:
+    real = loop.train
+
+    def train(cfg, accelerator, prepared, stream, start_step):
+        for _ in range(count):
+            stream.next_batch(accelerator.device)
+        return real(cfg, accelerator, prepared, stream, start_step)
+
+    loop.train = train
+
+
 FAULTS = {"nonfinite": lambda spec: poison_losses(*map(int, spec.split(":"))),
-          "kill_during_save": lambda spec: kill_during_save(int(spec))}
+          "kill_during_save": lambda spec: kill_during_save(int(spec)),
+          "skip_batches": lambda spec: skip_batches(int(spec))}
 
 
 def main() -> None:

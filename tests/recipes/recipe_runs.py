@@ -69,9 +69,71 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
-    os.killpg(proc.pid, sig)
-    return proc.wait(timeout=120)
+def children() -> dict[int, list[int]]:
+    """Every running process's children, from /proc."""
+    found: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # exited meanwhile
+            continue
+        found.setdefault(parent, []).append(int(stat.parent.name))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process it started, directly or not (torchrun's workers run in their own process groups)."""
+    below, tree, todo = children(), [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += below.get(tree[-1], [])
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its parent does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while any(alive(pid) for pid in pids):
+        if time.time() > deadline:
+            raise AssertionError(f"still running after {timeout}s: {[pid for pid in pids if alive(pid)]}")
+        time.sleep(0.05)
+
+
+def recipe_workers(pid: int) -> list[int]:
+    """The processes under `pid` (itself included) that train: they run the recipe and start no process that does
+    (a launcher's command line names the recipe too)."""
+    def runs_recipe(p: int) -> bool:
+        try:
+            return "finetune.py" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        except OSError:
+            return False
+
+    tree = process_tree(pid)
+    return [p for p in tree if runs_recipe(p) and not any(runs_recipe(c) for c in process_tree(p)[1:])]
+
+
+def kill_every_rank(proc: subprocess.Popen, ranks: int) -> list[int]:
+    """SIGKILL the launcher and every process it started; return the workers, checked dead."""
+    tree = process_tree(proc.pid)
+    workers = recipe_workers(proc.pid)
+    assert len(workers) == ranks, f"expected {ranks} workers under the launcher, found {workers} in {tree}"
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    wait_gone(tree)
+    return workers
+
+
+def says(output: str, text: str) -> bool:
+    """Whether `output` contains `text`, ignoring whitespace (rich wraps long log lines, even inside paths)."""
+    return "".join(text.split()) in "".join(output.split())
 
 
 def logged_steps(run_dir: Path) -> list[int]:

@@ -1,10 +1,15 @@
 """recipes/finetune.py through a real `accelerate launch` with 2 CPU processes: DDP, ZeRO-2 (exact resume after a
-SIGKILL), ZeRO-3 (sharded parameters, export parity) and two machines on 127.0.0.1."""
+SIGKILL of every rank; a non-finite micro-batch drops its whole accumulation window; a planted pickle payload is
+refused), ZeRO-3 (sharded parameters, export parity), workers that stop with a killed launcher, and two machines on
+127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import shutil
 import signal
 import sys
 
@@ -13,17 +18,24 @@ import torch
 from recipe_runs import (
     ACCELERATE,
     ROOT,
-    kill_group,
+    injected,
+    kill_every_rank,
     launch_args,
     logged_steps,
     losses,
     max_abs_diff,
     recipe_args,
+    recipe_workers,
     run,
+    says,
     start,
     wait_for_step,
+    wait_gone,
     weights,
 )
+
+from scaling.training.checkpoint import COMPLETE, checkpoint_dir, list_checkpoints, write_manifest
+from scaling.training.tracking import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 6
@@ -93,19 +105,95 @@ def test_zero3_export_loads_in_one_process_with_the_logits_of_the_gathered_weigh
     assert (expected - actual).abs().max().item() <= 1e-5
 
 
-def test_zero2_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_path, cache):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    run(launch_args("zero2.yaml", 2, free_port()) + recipe_args(reference, cache, *SHORT))
+@pytest.fixture(scope="module")
+def zero2_reference(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("zero2")
+    run(launch_args("zero2.yaml", 2, free_port()) + recipe_args(run_dir, cache, *SHORT))
+    return run_dir
+
+
+def test_zero2_sigkill_of_every_rank_at_a_random_step_then_resume_matches_the_uninterrupted_run(
+        tmp_path, cache, zero2_reference):
     kill_at = random.Random().randint(2, STEPS - 1)
     print(f"killing at step {kill_at}")
-    proc = start(launch_args("zero2.yaml", 2, free_port()) + recipe_args(interrupted, cache, *SHORT),
+    proc = start(launch_args("zero2.yaml", 2, free_port()) + recipe_args(tmp_path, cache, *SHORT),
                  log=tmp_path / "first.log")
-    wait_for_step(interrupted, kill_at, proc)
-    assert kill_group(proc) == -signal.SIGKILL
-    run(launch_args("zero2.yaml", 2, free_port()) + recipe_args(interrupted, cache, *SHORT, "train.resume=auto"))
-    assert logged_steps(interrupted) == list(range(1, STEPS + 1))
-    assert losses(interrupted) == losses(reference)
-    assert max_abs_diff(weights(interrupted, STEPS), weights(reference, STEPS)) <= 1e-6
+    wait_for_step(tmp_path, kill_at, proc)
+    kill_every_rank(proc, ranks=2)  # launcher and both workers: nothing is left to finish the run
+    assert max(logged_steps(tmp_path)) < STEPS and not (tmp_path / "export").exists()
+    assert checkpoint_dir(tmp_path, STEPS) not in list_checkpoints(tmp_path)
+    run(launch_args("zero2.yaml", 2, free_port()) + recipe_args(tmp_path, cache, *SHORT, "train.resume=auto"))
+    assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
+    assert losses(tmp_path) == losses(zero2_reference)
+    assert max_abs_diff(weights(tmp_path, STEPS), weights(zero2_reference, STEPS)) <= 1e-6
+
+
+def test_workers_of_a_killed_launcher_checkpoint_and_stop(tmp_path, cache):
+    proc = start(launch_args("cpu.yaml", 2, free_port()) + recipe_args(tmp_path, cache, "train.max_steps=400",
+                                                                        "train.save_every=1000"),
+                 log=tmp_path / "run.log")
+    wait_for_step(tmp_path, 2, proc)
+    workers = recipe_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only, as an OOM killer or a lost node agent would
+    proc.wait(timeout=60)
+    wait_gone(workers, timeout=180)  # orphans would train all 400 steps
+    [final] = list_checkpoints(tmp_path)
+    stopped_at = json.loads((final / COMPLETE).read_text())["step"]
+    assert 2 <= stopped_at < 400 and logged_steps(tmp_path) == list(range(1, stopped_at + 1))
+    assert "SIGTERM received" in (tmp_path / "train.log").read_text()
+
+
+def parameters(state: dict) -> dict:
+    """Trained parameters only: BatchNorm statistics follow every forward pass, a discarded one too."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k}
+
+
+def test_zero2_a_nonfinite_micro_batch_drops_its_whole_accumulation_window(tmp_path, cache):
+    steps, settings = 3, ("train.max_steps=3", "train.gradient_accumulation_steps=2", "model.dropout=0")
+    reference, poisoned = tmp_path / "reference", tmp_path / "poisoned"
+    # reference: the first window's two micro-batches drawn and never trained on
+    run(launch_args("zero2.yaml", 2, free_port()) + injected("skip_batches=2") + recipe_args(reference, cache, *settings))
+    # poisoned: the first window's second micro-batch has a NaN loss; its first, good one must not reach a step
+    run(launch_args("zero2.yaml", 2, free_port()) + injected("nonfinite=2:1") + recipe_args(poisoned, cache, *settings))
+    assert [r["nonfinite_skipped"] for r in read_metrics(poisoned)] == [1, 1, 1]
+    assert losses(poisoned) == losses(reference)
+    assert max_abs_diff(parameters(weights(poisoned, steps)), parameters(weights(reference, steps))) <= 1e-6
+
+
+class CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant(checkpoint, shard: str, marker) -> None:
+    """Add a payload to one shard and re-sign the manifest, as an attacker with write access would."""
+    state = torch.load(checkpoint / "pytorch_model" / shard, weights_only=False)
+    torch.save({**state, "payload": CreatesFileWhenUnpickled(marker)}, checkpoint / "pytorch_model" / shard)
+    manifest = json.loads((checkpoint / COMPLETE).read_text())
+    (checkpoint / COMPLETE).unlink()
+    write_manifest(checkpoint, manifest["step"], 2, checkpoint.parent / manifest["parent"]["name"])
+
+
+def test_a_payload_planted_in_a_zero2_shard_is_refused_by_export_and_resume(tmp_path, cache, zero2_reference):
+    marker = tmp_path / "created_by_pickle"
+    for shard in ("mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        run_dir = tmp_path / shard
+        shutil.copytree(zero2_reference, run_dir)
+        plant(checkpoint_dir(run_dir, STEPS), shard, marker)
+        export = run([sys.executable, "-m", "scaling.cli", "export", str(run_dir), "--out", str(tmp_path / "out")],
+                     expect=1)
+        refusal = f"Refused to load {checkpoint_dir(run_dir, STEPS) / 'pytorch_model' / shard}"
+        assert says(export.stderr, refusal), export.stderr[-2000:]
+    resumed = run(launch_args("zero2.yaml", 2, free_port()) + recipe_args(run_dir, cache, "train.max_steps=8",
+                                                                          "train.resume=auto"), expect=None)
+    assert resumed.returncode != 0 and says(resumed.stderr, refusal), resumed.stderr[-3000:]
+    assert not marker.exists()
+    torch.load(checkpoint_dir(run_dir, STEPS) / "pytorch_model" / shard, weights_only=False)
+    assert marker.exists()  # the payload was real
 
 
 def test_two_machines_on_localhost(tmp_path, cache):

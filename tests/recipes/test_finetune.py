@@ -1,25 +1,35 @@
 """recipes/finetune.py on one process (test preset, synthetic data): artifacts, loss, exact resume after a SIGKILL
-at a random step, a kill in the middle of a checkpoint write, SIGTERM, the non-finite guard, determinism."""
+at a random step, a kill in the middle of a checkpoint write, SIGTERM (also through a single-process `accelerate
+launch`), one live run per directory, a full disk, unreadable training images, new settings on resume, a planted
+pickle payload, the non-finite guard, determinism."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
 import signal
 import sys
 
 import pytest
 import torch
+from PIL import Image
 from recipe_runs import (
+    ACCELERATE,
     injected,
-    kill_group,
+    kill_every_rank,
     logged_steps,
     losses,
     max_abs_diff,
     recipe_args,
+    recipe_workers,
     run,
+    says,
     start,
     wait_for_step,
+    wait_gone,
     weights,
 )
 
@@ -27,10 +37,14 @@ from scaling.training.checkpoint import (
     COMPLETE,
     TMP_PREFIX,
     checkpoint_dir,
+    directory_bytes,
     find_resume,
     list_checkpoints,
     verify_checkpoint,
+    write_manifest,
 )
+from scaling.training.optim import lr_lambda
+from scaling.training.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 8  # test_finetune.yaml: max_steps 8, save_every 2, keep_last 2
@@ -78,8 +92,12 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     print(f"killing at step {kill_at}")
     proc = start(PYTHON + recipe_args(tmp_path, cache), log=tmp_path / "first.log")
     wait_for_step(tmp_path, kill_at, proc)
-    assert kill_group(proc) == -signal.SIGKILL
+    kill_every_rank(proc, ranks=1)
+    assert max(logged_steps(tmp_path)) < STEPS and not (tmp_path / "export").exists()  # really interrupted
+    tokenizer = (tmp_path / "tokenizer" / "tokenizer.json").stat()
     run(PYTHON + recipe_args(tmp_path, cache, "train.resume=auto"))
+    after = (tmp_path / "tokenizer" / "tokenizer.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (tokenizer.st_ino, tokenizer.st_mtime_ns)  # written once per run
     # every optimizer step exactly once in the step log, with the losses of the uninterrupted run
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
     assert losses(tmp_path) == losses(reference)
@@ -150,8 +168,163 @@ def test_nonfinite_losses_are_skipped_and_counted_then_too_many_stop_the_run(tmp
     stopped = tmp_path / "stopped"
     done = run(PYTHON + injected("nonfinite=5:99") + recipe_args(stopped, cache, "train.max_nonfinite_steps=3"),
                expect=1)
-    assert "3 optimizer steps in a row had a non-finite loss" in done.stderr + done.stdout
+    message = done.stderr + done.stdout
+    assert says(message, "3 optimizer steps in a row had a non-finite loss")
     assert logged_steps(stopped) == [1, 2, 3, 4]
     assert [p.name for p in list_checkpoints(stopped)] == ["step_00000002", "step_00000004"]
     verify_checkpoint(checkpoint_dir(stopped, 4))
     assert all(torch.isfinite(t).all() for t in weights(stopped, 4).values())
+    # the advice fits the run: clipping is on already (train.max_grad_norm=1), the intact checkpoint is named
+    assert says(message, "step_00000004, holds the last good state") and says(message, "lower train.lr (now 0.002)")
+    assert not says(message, "max_grad_norm") and not says(message, "bf16")
+
+
+def test_the_nonfinite_stop_says_so_when_no_checkpoint_exists_yet(tmp_path, cache):
+    done = run(PYTHON + injected("nonfinite=1:99") + recipe_args(tmp_path, cache, "train.max_nonfinite_steps=2",
+                                                                  "train.max_grad_norm=0"), expect=1)
+    message = done.stderr + done.stdout
+    assert says(message, "No checkpoint was written yet (train.save_every=2)") and says(message, "start the run again")
+    assert says(message, "set train.max_grad_norm (e.g. 1.0)") and not says(message, "holds the last good state")
+    assert not list_checkpoints(tmp_path)
+
+
+# ---- one live run per run directory; a launcher's SIGTERM reaches its worker --------------------------------------
+
+
+def test_a_second_run_on_the_directory_of_a_live_run_is_refused_naming_the_holder(tmp_path, cache):
+    first = start(PYTHON + recipe_args(tmp_path, cache, "train.max_steps=400", "train.save_every=1000"),
+                  log=tmp_path / "first.log")
+    wait_for_step(tmp_path, 2, first)
+    [holder] = recipe_workers(first.pid)
+    second = run(PYTHON + recipe_args(tmp_path, cache, "train.resume=auto"), expect=2)
+    assert says(second.stderr, f"{tmp_path} is in use by another live run (pid {holder} on host"), second.stderr
+    assert "Traceback" not in second.stderr
+    kill_every_rank(first, ranks=1)
+    steps_before = logged_steps(tmp_path)
+    # the lock dies with its holder: the next run starts (and SIGKILL left no lock behind)
+    run(PYTHON + recipe_args(tmp_path, cache, "train.max_steps=2"))
+    assert max(steps_before) > 2 and logged_steps(tmp_path) == [1, 2]
+
+
+def test_sigterm_to_a_single_process_accelerate_launch_reaches_the_run(tmp_path, cache):
+    launch = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    proc = start(launch + recipe_args(tmp_path, cache, "train.max_steps=400", "train.save_every=1000"),
+                 log=tmp_path / "launch.log")
+    wait_for_step(tmp_path, 2, proc)
+    [worker] = recipe_workers(proc.pid)
+    assert worker != proc.pid
+    os.kill(proc.pid, signal.SIGTERM)  # as `docker stop` does: the launcher only
+    proc.wait(timeout=60)
+    wait_gone([worker], timeout=120)  # the orphaned worker would otherwise train all 400 steps
+    [final] = list_checkpoints(tmp_path)
+    stopped_at = json.loads((final / COMPLETE).read_text())["step"]
+    assert 2 <= stopped_at < 400 and logged_steps(tmp_path) == list(range(1, stopped_at + 1))
+    assert "SIGTERM received" in (tmp_path / "train.log").read_text()
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_stops_with_the_space_needed_and_resume_continues_exactly(tmpfs, cache, reference):
+    run_dir = tmpfs.path / "run"
+    checkpoint = directory_bytes(checkpoint_dir(reference, 6))
+    # room for the run's small files and one checkpoint, not for the second one
+    tmpfs.resize(directory_bytes(reference / "tokenizer") + checkpoint + checkpoint // 2 + 2**20)
+    done = run(PYTHON + recipe_args(run_dir, cache), expect=1)
+    needed = f"no space left on {run_dir / 'checkpoints'}: {checkpoint / 2**20:.0f} MiB needed"
+    assert says(done.stderr, needed), done.stderr[-3000:]
+    assert says(done.stderr, "step_00000002 stays the newest complete checkpoint") and "Traceback" not in done.stderr
+    assert not list((run_dir / "checkpoints").glob(TMP_PREFIX + "*"))
+    assert find_resume(run_dir, "auto") == checkpoint_dir(run_dir, 2)
+    tmpfs.resize(64 * 2**20)  # space freed
+    run(PYTHON + recipe_args(run_dir, cache, "train.resume=auto"))
+    assert losses(run_dir) == losses(reference)
+    assert max_abs_diff(weights(run_dir, STEPS), weights(reference, STEPS)) <= 1e-6
+
+
+# ---- unreadable training images ----------------------------------------------------------------------------------
+
+
+def vqa_rad_with_a_corrupt_image(root, corrupt: int):
+    """A VQA-RAD release of 6 images, the first `corrupt` of them not decodable (the loader only checks they exist)."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        if i < corrupt:
+            (images / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        else:
+            Image.new("RGB", (40, 40), (40 * i, 100, 200 - 30 * i)).save(images / f"{i}.jpg")
+        rows += [{"qid": f"{i}-{q}", "image_name": f"{i}.jpg", "phrase_type": "freeform", "question": question,
+                  "answer": answer, "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "PRES"}
+                 for q, (question, answer) in enumerate([("is it normal?", "yes"), ("is there a mass?", "no")])]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    return f"data.sources=[{{name: vqa_rad, path: {root}, split: train}}]"
+
+
+def test_an_unreadable_training_image_is_skipped_counted_and_resumed_exactly(tmp_path, cache):
+    source = vqa_rad_with_a_corrupt_image(tmp_path / "vqa_rad", corrupt=1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    done = run(PYTHON + recipe_args(whole, cache, source))
+    skipped = [r["images_skipped"] for r in read_metrics(whole)]
+    assert skipped[-1] > 0 and skipped == sorted(skipped), skipped  # drawn and dropped, not a crash
+    log = "".join((done.stderr + (whole / "train.log").read_text()).split())
+    annotations = "".join(str(tmp_path / "vqa_rad" / "VQA_RAD Dataset Public.json").split())
+    assert re.search(rf"of{re.escape(annotations)}\(record[01]\)", log)
+    assert says(log, f"{tmp_path / 'vqa_rad' / 'images' / '0.jpg'}: cannot decode image")
+    run(PYTHON + injected("kill_during_save=6") + recipe_args(resumed, cache, source), expect=-signal.SIGKILL)
+    run(PYTHON + recipe_args(resumed, cache, source, "train.resume=auto"))  # from step 4
+    assert read_metrics(resumed)[-1]["images_skipped"] == skipped[-1]
+    assert losses(resumed) == losses(whole)
+
+
+def test_too_many_unreadable_training_images_stop_the_run_with_a_clear_message(tmp_path, cache):
+    source = vqa_rad_with_a_corrupt_image(tmp_path / "vqa_rad", corrupt=5)
+    done = run(PYTHON + recipe_args(tmp_path / "run", cache, source), expect=2)
+    assert says(done.stderr, "training images drawn could not be decoded (more than 1%)")
+    assert says(done.stderr, "--verify-images")
+    assert "Traceback" not in done.stderr
+
+
+# ---- settings changed on resume ------------------------------------------------------------------------------------
+
+
+def test_resume_applies_a_new_lr_and_records_it_and_refuses_a_changed_batch_size(tmp_path, cache, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    done = run(PYTHON + recipe_args(run_dir, cache, f"train.resume={checkpoint_dir(run_dir, 6)}", "train.lr=1e-3"))
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    warmup = int(0.1 * STEPS)  # test_finetune.yaml: warmup_ratio 0.1
+    assert [rows[s]["lr"] for s in (7, 8)] == [1e-3 * lr_lambda(s, warmup, STEPS, "cosine") for s in (7, 8)]
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    assert says(done.stderr, "train.lr=0.001 (checkpoint step_00000006 was trained with 0.002)")
+
+    refused = run(PYTHON + recipe_args(run_dir, cache, "train.resume=auto", "train.batch_size=8"), expect=2)
+    assert says(refused.stderr, "train.resume: train.batch_size was 4"), refused.stderr[-2000:]
+
+
+# ---- a pickle payload planted in a checkpoint ---------------------------------------------------------------------
+
+
+class CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_with_a_planted_payload_before_running_it(tmp_path, cache, reference):
+    run_dir, marker = tmp_path / "run", tmp_path / "created_by_pickle"
+    shutil.copytree(reference, run_dir)
+    target = checkpoint_dir(run_dir, STEPS)
+    optimizer = torch.load(target / "optimizer.bin", weights_only=False)
+    torch.save({**optimizer, "payload": CreatesFileWhenUnpickled(marker)}, target / "optimizer.bin")
+    (target / COMPLETE).unlink()
+    write_manifest(target, STEPS, 1, checkpoint_dir(run_dir, 6))  # re-signed, as an attacker with write access would
+    done = run(PYTHON + recipe_args(run_dir, cache, "train.resume=auto", "train.max_steps=10"), expect=2)
+    assert says(done.stderr, f"Refused to load {target / 'optimizer.bin'}") and says(done.stderr, "io.open")
+    assert not marker.exists()
+    torch.load(target / "optimizer.bin", weights_only=False)
+    assert marker.exists()  # the payload was real

@@ -1,6 +1,8 @@
-"""Atomic checkpoints: keep-last-K, the completeness manifest, corrupt/partial detection, state round trip."""
+"""Atomic checkpoints: keep-last-K, the manifest (sizes, checksums, lineage), corrupt/partial detection, fallback
+along the live line, foreign directories, a full disk, and the state round trip."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -15,6 +17,9 @@ from scaling.training.checkpoint import (
     find_resume,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
+    replace_atomically,
+    resume_candidates,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -42,20 +47,35 @@ def _train_step(model, opt, sched):
     opt.zero_grad()
 
 
+def _save_line(accelerator, run_dir, steps, parent=None, keep_last=10):
+    """Checkpoints at `steps`, each the parent of the next, as the training loop writes them."""
+    for step in steps:
+        parent = save_checkpoint(accelerator, run_dir, step, {"data": {"pos": step}}, keep_last, parent=parent)
+    return parent
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_keeps_the_last_k_complete_checkpoints(tmp_path, accelerator):
     model, opt, sched = _setup(accelerator)
+    parent = None
     for step in range(1, 5):
         _train_step(model, opt, sched)
-        save_checkpoint(accelerator, tmp_path, step, {"data": {"pos": step}}, keep_last=2)
+        parent = save_checkpoint(accelerator, tmp_path, step, {"data": {"pos": step}}, keep_last=2, parent=parent)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     manifest = json.loads((checkpoint_dir(tmp_path, 4) / COMPLETE).read_text())
-    assert manifest["step"] == 4 and "model.safetensors" in manifest["files"]
+    assert manifest["step"] == 4 and manifest["serial"] == 4
+    assert manifest["parent"] == {"name": "step_00000003", "serial": 3}
+    assert set(manifest["files"]["model.safetensors"]) == {"bytes", "sha256"}
 
 
 def test_partial_and_corrupt_checkpoints_are_never_picked(tmp_path, accelerator):
-    model, opt, sched = _setup(accelerator)
-    for step in (1, 2):
-        save_checkpoint(accelerator, tmp_path, step, {"data": {}}, keep_last=3)
+    _setup(accelerator)
+    _save_line(accelerator, tmp_path, (1, 2))
     # an interrupted save: files but no marker, under the temporary name
     partial = checkpoint_dir(tmp_path, 3).with_name(TMP_PREFIX + "step_00000003")
     shutil.copytree(checkpoint_dir(tmp_path, 2), partial)
@@ -72,6 +92,57 @@ def test_partial_and_corrupt_checkpoints_are_never_picked(tmp_path, accelerator)
     (checkpoint_dir(tmp_path, 1) / COMPLETE).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         find_resume(tmp_path, str(checkpoint_dir(tmp_path, 1)))
+    # nothing usable left: auto stops instead of silently starting again at step 0
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        find_resume(tmp_path, "auto")
+
+
+def test_same_size_corruption_is_caught_by_the_checksum_and_auto_falls_back_with_a_warning(tmp_path, accelerator,
+                                                                                           caplog):
+    _setup(accelerator)
+    _save_line(accelerator, tmp_path, (2, 4))
+    weights = checkpoint_dir(tmp_path, 4) / "model.safetensors"
+    size = weights.stat().st_size
+    _flip_a_byte(weights)
+    assert weights.stat().st_size == size  # the size check alone would pass it
+    with pytest.raises(CheckpointError, match=r"SHA-256 of model.safetensors differs"):
+        verify_checkpoint(checkpoint_dir(tmp_path, 4))
+    with caplog.at_level("WARNING", logger="scaling"):
+        assert find_resume(tmp_path, "auto") == checkpoint_dir(tmp_path, 2)
+    assert "falling back to the previous checkpoint" in caplog.text
+    # a damaged manifest: the checkpoint is skipped, its parent taken
+    _save_line(accelerator, tmp_path, (6,), parent=checkpoint_dir(tmp_path, 4))
+    (checkpoint_dir(tmp_path, 6) / COMPLETE).write_text('{"step": 6, "fil')
+    assert find_resume(tmp_path, "auto") == checkpoint_dir(tmp_path, 2)
+
+
+def test_auto_follows_the_live_line_not_an_abandoned_higher_step(tmp_path, accelerator):
+    _setup(accelerator)
+    _save_line(accelerator, tmp_path, (2, 4, 6, 8))
+    # a manual resume from step 4, then a kill after the new line saved step 6 (replacing the old step 6)
+    _save_line(accelerator, tmp_path, (6,), parent=checkpoint_dir(tmp_path, 4))
+    assert checkpoint_dir(tmp_path, 8).is_dir()  # the abandoned trajectory's higher step is still there
+    assert find_resume(tmp_path, "auto") == checkpoint_dir(tmp_path, 6)
+    assert resume_candidates(tmp_path, "auto") == [checkpoint_dir(tmp_path, s) for s in (6, 4, 2)]
+    # pruning keeps the most recently written checkpoints, so the abandoned step 8 ages out
+    _save_line(accelerator, tmp_path, (7, 8), parent=checkpoint_dir(tmp_path, 6), keep_last=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006", "step_00000007", "step_00000008"]
+    assert json.loads((checkpoint_dir(tmp_path, 8) / COMPLETE).read_text())["parent"]["name"] == "step_00000007"
+
+
+def test_foreign_directories_under_checkpoints_break_nothing(tmp_path, accelerator):
+    _setup(accelerator)
+    _save_line(accelerator, tmp_path, (2, 4))
+    root = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint_dir(tmp_path, 4), root / "step_00000004.bak")
+    (root / "notes").mkdir()
+    (root / "step_final").mkdir()
+    (root / "step_00000009").write_text("a file, not a checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert find_resume(tmp_path, "auto") == checkpoint_dir(tmp_path, 4)
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]
+    assert (root / "step_00000004.bak").is_dir() and (root / "notes").is_dir()  # not ours to delete
 
 
 def test_load_restores_weights_optimizer_schedule_rng_and_ema(tmp_path, accelerator):
@@ -104,8 +175,46 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path, accelerator):
         load_checkpoint(accelerator, path)
 
 
+def test_a_full_disk_names_the_space_needed_removes_the_partial_save_and_keeps_the_previous(tmpfs, accelerator):
+    tmpfs.resize(2 * 2**20)
+    disk = tmpfs.path
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Linear(256, 256))  # ~260 KB of weights, ~790 KB with AdamW moments
+    opt = accelerator.prepare(torch.optim.AdamW(model.parameters()))
+    model(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    first = save_checkpoint(accelerator, disk, 1, {"data": {}}, keep_last=3)
+    (disk / "ballast").write_bytes(os.urandom(2**20 - 200_000))  # what else fills the disk
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(accelerator, disk, 2, {"data": {}}, keep_last=3, parent=first)
+    message = str(info.value)
+    assert message.startswith(f"no space left on {disk / 'checkpoints'}: 1 MiB needed"), message
+    assert "step_00000001 stays the newest complete checkpoint" in message
+    assert not list((disk / "checkpoints").glob(TMP_PREFIX + "*"))
+    assert find_resume(disk, "auto") == first
+
+
 def test_export_cli_explains_a_run_without_checkpoints(tmp_path, capsys):
     from scaling.cli import main
 
     assert main(["export", str(tmp_path)]) == 1
     assert "has no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_file_is_replaced_in_one_rename_and_an_identical_copy_is_left_alone(tmp_path):
+    target = tmp_path / "tokenizer"
+    replace_atomically(target, lambda d: (d.mkdir(), (d / "vocab.json").write_text("v1")))
+    first = (target / "vocab.json").stat()
+
+    def fails_halfway(directory):
+        directory.mkdir()
+        (directory / "vocab.json").write_text("v2")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        replace_atomically(target, fails_halfway)
+    assert (target / "vocab.json").read_text() == "v1"  # the old copy is whole
+    replace_atomically(target, lambda d: (d.mkdir(), (d / "vocab.json").write_text("v1")))
+    assert (target / "vocab.json").stat().st_mtime_ns == first.st_mtime_ns  # identical: not rewritten
+    replace_atomically(target, lambda d: (d.mkdir(), (d / "vocab.json").write_text("v2")))
+    assert (target / "vocab.json").read_text() == "v2" and not list(tmp_path.glob(".tmp-*"))

@@ -91,7 +91,7 @@ def source_problems(name: str, split: str, options: dict) -> list[str]:
     source, problems = SOURCES[name], []
     if split not in source.splits:
         problems.append(f"data source {name!r}: no split {split!r}; it has {', '.join(source.splits)}")
-    unknown = sorted(set(options) - set(source.options()))
+    unknown = sorted(set(options) - set(source.options()) - {"verify_images", "max_pixels"})  # load_source's own
     if unknown:
         problems.append(f"data source {name!r}: unknown option(s) {', '.join(unknown)}; "
                         f"its options: {', '.join(source.options()) or 'none'}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, require_text
-from scaling.data.sources.common import decode_line, find_split_file, iter_lines
+from scaling.data.sources.common import decode_line, find_split_file, image_path, iter_lines
 
 NAME = "caption_tsv"
 TASK = "caption"
@@ -57,10 +57,11 @@ def split_train(lines: list, split: str, validation_fraction: float) -> list:
 
 def resolve_image(root: Path, name: str) -> Path:
     """`name` as given, or with the first image suffix that exists (IU X-ray names omit '.png')."""
+    path = image_path(root, name, "File_name")
     for suffix in IMAGE_SUFFIXES:
-        if (root / f"{name}{suffix}").is_file():
-            return root / f"{name}{suffix}"
-    return root / name
+        if path.with_name(path.name + suffix).is_file():
+            return path.with_name(path.name + suffix)
+    return path
 
 
 def find_image_dir(root: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,17 @@ def find_split_file(root: Path, split: str, names: dict[str, list[str]], source:
     raise SplitNotFound(f"{root}: no {split} file for source {source!r} (looked for {', '.join(names[split])})")
 
 
+def image_path(root: Path, name: str, field: str) -> Path:
+    """`root / name`, refused unless it stays inside `root` once `..` and absolute parts are applied (symlinks under
+    the root are the dataset owner's choice and are followed)."""
+    path = Path(os.path.normpath(root / name))
+    if not path.is_relative_to(os.path.normpath(root)):
+        raise BadRecord("image path outside the dataset folder", field,
+                        f"image paths must stay inside {root}; if this file is trusted and its images live elsewhere, "
+                        "set the source's images_dir option to a folder that holds them", detail=repr(name))
+    return path
+
+
 def make_collector(on_bad_record: str = "skip", verify_images: bool = False,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordCollector:
     """A collector that checks each record against its task and, optionally, decodes each image file once."""
@@ -118,9 +130,9 @@ def image_verdict(image: ImageRef, max_pixels: int) -> BadRecord | None:
     try:
         load_image(image, max_pixels)
     except ImageTooLarge as error:
-        return BadRecord("image over max_pixels", "image", "downscale it or raise max_pixels", detail=str(error))
+        return BadRecord("image over max_pixels", "image", error.fix, detail=f"{error.name}: {error.problem}")
     except ImageError as error:
-        return BadRecord("unreadable image", "image", "re-export or remove the image", detail=str(error))
+        return BadRecord("unreadable image", "image", error.fix, detail=f"{error.name}: {error.problem}")
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaling.data.records import BadRecord, DataError, ImageRef, Record, RecordCollector, check_path, require_text
-from scaling.data.sources.common import as_row, read_json
+from scaling.data.sources.common import as_row, image_path, read_json
 
 NAME = "iu_xray_r2gen"
 TASK = "caption"
@@ -35,13 +35,14 @@ def make_record(row: dict, index: int, file: Path, image_root: Path) -> Record:
     paths = row.get("image_path")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise BadRecord("missing image file", "image_path", "list the study's image paths")
+    views = [image_path(image_root, p, "image_path") for p in paths]
     return Record(
         id=require_text(row, "id", "give every study an id"),
         task=TASK,
-        image=ImageRef(image_root / paths[0]),
+        image=ImageRef(views[0]),
         text={},
         target=require_text(row, "report", "write the report"),
-        attributes={"image_paths": [str(image_root / p) for p in paths]},
+        attributes={"image_paths": [str(view) for view in views]},
         source=str(file),
         index=index,
     )

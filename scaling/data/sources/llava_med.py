@@ -18,7 +18,7 @@ from scaling.data.records import (
     normalize_answer_type,
     require_text,
 )
-from scaling.data.sources.common import as_row, find_split_file, read_json
+from scaling.data.sources.common import as_row, find_split_file, image_path, read_json
 
 NAME = "llava_med"
 TASK = "vqa"
@@ -51,7 +51,8 @@ def conversation_records(row: dict, index: int, file: Path, image_root: Path) ->
         raise BadRecord("missing conversations", "conversations", "give a list of {from, value} turns")
     turns = [(as_row(t, "turn").get("from"), require_text(as_row(t, "turn"), "value", "write every turn"))
              for t in turns]
-    image = ImageRef(image_root / row["image"]) if isinstance(row.get("image"), str) and row["image"] else None
+    has_image = isinstance(row.get("image"), str) and row["image"]
+    image = ImageRef(image_path(image_root, row["image"], "image")) if has_image else None
     base_id = str(row.get("id", f"{file.stem}-{index}"))
     records, context = [], []
     for (role, question), (next_role, answer) in zip(turns, turns[1:], strict=False):

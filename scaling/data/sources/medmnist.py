@@ -50,9 +50,7 @@ def load(path: Path, split: str, out: RecordCollector, flag: str | None = None,
     flag = flag or file.stem.split("_")[0]  # pathmnist_224.npz → pathmnist
     names = list(class_names) if class_names else class_names_for(flag, file)
     images, labels = read_arrays(file, NATIVE_SPLIT[split])
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DataError(f"{file}: labels have {labels.shape[1]} columns (multi-label); the classify task needs "
-                        "one label per image. Fix: use a multi-class MedMNIST flag")
+    check_arrays(images, labels, file, NATIVE_SPLIT[split])
     rows = enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0], strict=True))
     for index, (pixels, label) in track_items(rows, len(labels), f"{flag} {split}"):
         with out.reading(file, index):
@@ -69,6 +67,22 @@ def read_arrays(file: Path, native: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{file}: not a MedMNIST npz ({error}). Fix: use the .npz from the MedMNIST release") from None
 
 
+def check_arrays(images: np.ndarray, labels: np.ndarray, file: Path, native: str) -> None:
+    """MedMNIST's layout: uint8 (N, H, W) or (N, H, W, 3) images, one integer label per image."""
+    name = f"{file}: '{native}_images'"
+    if images.dtype != np.uint8:
+        raise DataError(f"{name} are {images.dtype}; MedMNIST images are uint8 0..255. Fix: convert them, e.g. "
+                        "np.round(images * 255).astype(np.uint8) for floats in [0, 1]")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataError(f"{name} have shape {images.shape}; expected (N, H, W) grayscale or (N, H, W, 3) RGB")
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(f"{file}: labels have {labels.shape[1]} columns (multi-label); the classify task needs "
+                        "one label per image. Fix: use a multi-class MedMNIST flag")
+    if len(labels) != len(images):
+        raise DataError(f"{file}: {len(images)} '{native}_images' but {len(labels)} '{native}_labels'. Fix: store "
+                        "one label per image")
+
+
 def make_record(pixels: np.ndarray, label: int, index: int, flag: str, split: str, names: list[str],
                 file: Path) -> Record:
     if not 0 <= label < len(names):
@@ -83,7 +97,8 @@ def make_record(pixels: np.ndarray, label: int, index: int, flag: str, split: st
 def encode_png(pixels: np.ndarray) -> bytes:
     """(H, W) or (H, W, 3) uint8 → PNG bytes (fast compression: these are re-decoded every epoch)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
+    pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -19,6 +19,7 @@ from scaling.data.sources.common import (
     candidates_origin,
     chosen_candidate_splits,
     find_split_file,
+    image_path,
     read_json,
 )
 from scaling.data.sources.vqa_rad import answer_set
@@ -70,12 +71,13 @@ def load(path: Path, split: str, out: RecordCollector, candidate_splits: list[st
 
 
 def make_record(row: dict, index: int, file: Path, image_root: Path, candidates: list[str], origin: str) -> Record:
-    image_id = require_text(row, "img_id" if "img_id" in row else "image", "name the image of every question")
+    field = "img_id" if "img_id" in row else "image"
+    image_id = require_text(row, field, "name the image of every question")
     answer = first_answer(row)
     return Record(
         id=str(row.get("question_id", f"{file.stem}-{index}")),
         task=TASK,
-        image=ImageRef(image_root / (image_id if Path(image_id).suffix else f"{image_id}.jpg")),
+        image=ImageRef(image_path(image_root, image_id if Path(image_id).suffix else f"{image_id}.jpg", field)),
         text={"question": require_text(row, "sent" if "sent" in row else "question", "write the question")},
         target=answer,
         candidates=candidates,

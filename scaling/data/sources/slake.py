@@ -14,6 +14,7 @@ from scaling.data.sources.common import (
     candidates_origin,
     chosen_candidate_splits,
     find_split_file,
+    image_path,
     read_json,
 )
 from scaling.data.sources.vqa_rad import answer_set
@@ -44,7 +45,8 @@ def make_record(row: dict, index: int, file: Path, image_root: Path, candidates:
     return Record(
         id=str(row.get("qid", index)),
         task=TASK,
-        image=ImageRef(image_root / require_text(row, "img_name", "name the image of every question")),
+        image=ImageRef(image_path(image_root, require_text(row, "img_name", "name the image of every question"),
+                                  "img_name")),
         text={"question": require_text(row, "question", "write the question"), "object": str(row.get("location") or "")},
         target=require_text(row, "answer", "give every question an answer"),
         candidates=candidates,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaling.data.records import ImageRef, Record, RecordCollector, check_path, normalize_answer_type, require_text
-from scaling.data.sources.common import as_row, candidates_origin, chosen_candidate_splits, read_json
+from scaling.data.sources.common import as_row, candidates_origin, chosen_candidate_splits, image_path, read_json
 from scaling.data.tasks import normalize_answer
 
 NAME = "vqa_rad"
@@ -45,7 +45,8 @@ def make_record(row: dict, index: int, file: Path, image_root: Path, candidates:
     return Record(
         id=str(row.get("qid", index)),
         task=TASK,
-        image=ImageRef(image_root / require_text(row, "image_name", "name the image file of every question")),
+        image=ImageRef(image_path(image_root, require_text(row, "image_name", "name the image file of every question"),
+                                  "image_name")),
         text={"question": require_text(row, "question", "write the question"), "object": str(row.get("image_organ") or "")},
         target=require_text(row, "answer", "give every question an answer"),
         candidates=candidates,
