@@ -122,26 +122,33 @@ class RelativePositionTable(nn.Embedding):
         return super().forward(buckets).permute(2, 0, 1).unsqueeze(0)  # (Q, K, H) -> (1, H, Q, K)
 
 
-def block_diagonal_bias(image_bias: torch.Tensor, text_bias: torch.Tensor) -> torch.Tensor:
-    """(1, H, N, N) image and (1, H, L, L) text biases -> (1, H, N + L, N + L), zero between image and text."""
-    num_image, num_text = image_bias.shape[-1], text_bias.shape[-1]
-    return torch.cat(
-        [F.pad(image_bias, (0, num_text)), F.pad(text_bias, (num_image, 0))], dim=-2
-    )  # rows [image | 0] over [0 | text]
+def add_block_diagonal(bias: torch.Tensor, image_bias: torch.Tensor | None, text_bias: torch.Tensor) -> torch.Tensor:
+    """(1 or B, H, N + L, N + L) bias plus the (1, H, N, N) image and (1, H, L, L) text biases on its diagonal blocks
+    (nothing between image and text), in the bias's dtype; one copy of `bias`, no padded intermediates."""
+    bias = bias.clone()
+    num_image = 0 if image_bias is None else image_bias.shape[-1]
+    if image_bias is not None:
+        bias[..., :num_image, :num_image] += image_bias
+    bias[..., num_image:, num_image:] += text_bias
+    return bias
 
 
-def absolute_position_bias(
-    q_linear: nn.Linear,
-    k_linear: nn.Linear,
-    query_pos: torch.Tensor,
-    key_pos: torch.Tensor,
-    num_heads: int,
-    scaling: float,
-) -> torch.Tensor:
-    """(Bq, Q, d) and (Bk, K, d) normalised position embeddings -> (max(Bq, Bk), heads, Q, K) logit bias."""
-    q = q_linear(query_pos).unflatten(-1, (num_heads, -1)).transpose(1, 2) * scaling  # (Bq, H, Q, hd)
-    k = k_linear(key_pos).unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (Bk, H, K, hd)
-    return q @ k.transpose(-1, -2)
+def position_heads(linear: nn.Linear, positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, d) normalised position embeddings -> (B, heads, L, head_dim) projections for the position bias."""
+    return linear(positions).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def absolute_position_bias(query_heads: torch.Tensor, key_heads: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(Bq, H, Q, hd) and (Bk, H, K, hd) position projections -> (max(Bq, Bk), H, Q, K) logit bias."""
+    return (query_heads * scaling) @ key_heads.transpose(-1, -2)
+
+
+def all_kept(keep: torch.Tensor) -> bool:
+    """Whether a keep mask is all True, where its values may be read: meta tensors (FLOP counts of sizes too large
+    to run) have none, and reading them would break a torch.compile graph; both answer False (equal FLOPs)."""
+    if keep.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return bool(keep.all())
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,6 +159,15 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Attention and layers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def in_matmul_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype autocast gives matmul inputs (unchanged when autocast is off): cast once, an input feeding
+    several projections is not cast again by each of them."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def match_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -194,6 +210,7 @@ class BiomedGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, d) -> (B, T, d); `attn_bias` (B or 1, H, T, S) already holds positions and masks."""
         batch, length, _ = hidden_states.shape
+        hidden_states = in_matmul_dtype(hidden_states)  # feeds q, k and v
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,T,hd)
         k, v = self._keys_values(hidden_states if key_value_states is None else key_value_states, cache)
         if prefix is not None:
@@ -204,9 +221,9 @@ class BiomedGPTAttention(nn.Module):
         attn_bias = attn_bias.to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            scores = (q * self.scaling) @ k.transpose(-1, -2) + attn_bias  # (B, H, T, S)
-            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if output_attentions or not self.fused_kernel_pays(q, k, attn_bias):
+            # A bf16/fp16 softmax accumulates in float32 and rounds once, like OFA's float softmax cast back.
+            weights = F.softmax(torch.matmul(q * self.scaling, k.transpose(-1, -2)) + attn_bias, dim=-1)  # (B,H,T,S)
             out = F.dropout(weights, p=dropout, training=self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=self.scaling)
@@ -214,6 +231,18 @@ class BiomedGPTAttention(nn.Module):
             out = out * self.c_attn.view(1, -1, 1, 1).to(out.dtype)
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, T, hd) -> (B, T, d)
         return self.out_proj(out), weights
+
+    def fused_kernel_pays(self, q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor) -> bool:
+        """Whether SDPA's fused kernel beats the explicit matmul-softmax-matmul here (always on accelerators)."""
+        if self.config._attn_implementation == "eager":
+            return False
+        if q.device.type != "cpu":
+            return True
+        # Measured on CPU (bf16, 12 heads): any gradient sends SDPA to its math path, 2-3x slower than the explicit
+        # form; without one its flash kernel wins only from ~128 x 608 query x key scores (decoding steps: 5x slower).
+        return not (torch.is_grad_enabled() and (q.requires_grad or attn_bias.requires_grad)) and (
+            q.shape[2] * k.shape[2] >= 1 << 17
+        )
 
     def _project(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, d) -> keys, values (B, H, S, hd)."""
@@ -446,6 +475,7 @@ class BiomedGPTEncoder(nn.Module):
                 f"image_bucket_size {self.config.image_bucket_size}; resize to at most "
                 f"{16 * self.config.image_bucket_size} px"
             )
+        # channels-last features: (B, C, h, w) -> (B, N, C) is a view of contiguous memory
         x = self.image_proj(features.flatten(2).transpose(1, 2))  # (B, C, N) -> (B, N, C) -> (B, N, d)
         x = self.dropout(self.patch_layernorm_embedding(x + self.type_embed(1, x.device)))
         return x, image_grid_position_ids(height, width, self.config.image_bucket_size, pixel_values.device)
@@ -494,24 +524,18 @@ class BiomedGPTEncoder(nn.Module):
         x = x * keep.unsqueeze(-1).to(x.dtype)  # padded and image-less slots start at zero, as in OFA
         position_embeddings = position_embeddings.unsqueeze(0)  # (1, S, d): identical for every sample
         position_bias = absolute_position_bias(
-            self.pos_q_linear,
-            self.pos_k_linear,
-            position_embeddings,
-            position_embeddings,
-            self.num_heads,
+            position_heads(self.pos_q_linear, position_embeddings, self.num_heads),
+            position_heads(self.pos_k_linear, position_embeddings, self.num_heads),
             self.pos_scaling,
         )  # (1, H, S, S)
-        if not keep.all():  # without padding the bias stays (1, H, S, S) and broadcasts over the batch
+        if not all_kept(keep):  # without padding the bias stays (1, H, S, S) and broadcasts over the batch
             position_bias = position_bias + additive_mask(keep[:, None, None, :], position_bias.dtype)  # (B, H, S, S)
         prefixes = layer_prefixes(prefix_key_values, "encoder", len(self.layers))
         hidden_states, attentions = (x,) if output_hidden_states else None, () if output_attentions else None
         for i, layer in enumerate(self.layers):
-            relative_bias = self.token_rel_pos_table_list[i](buckets)
-            if image_buckets is not None:
-                relative_bias = block_diagonal_bias(self.image_rel_pos_table_list[i](image_buckets), relative_bias)
-            x, weights = layer(
-                x, position_bias + relative_bias, prefix=prefixes[i], output_attentions=output_attentions
-            )
+            image_bias = None if image_buckets is None else self.image_rel_pos_table_list[i](image_buckets)
+            bias = add_block_diagonal(position_bias, image_bias, self.token_rel_pos_table_list[i](buckets))
+            x, weights = layer(x, bias, prefix=prefixes[i], output_attentions=output_attentions)
             if output_hidden_states:
                 hidden_states += (x,)
             if output_attentions:
@@ -597,6 +621,17 @@ class BiomedGPTDecoder(nn.Module):
         code_positions = self.image_pos_ln(self.embed_image_positions(ids)).unsqueeze(0)
         return torch.where(code_masks.bool()[:, None, None], code_positions, positions)
 
+    def cross_position_keys(self, encoder_outputs, input_dtype, dtype) -> torch.Tensor:
+        """(1, H, S_enc, hd) projections of the encoder positions for the cross-attention bias. Without gradients
+        they are kept on `encoder_outputs`, so the decoding steps of one generate() call compute them once."""
+        keys = getattr(encoder_outputs, "cross_position_keys", None)
+        if keys is None:
+            positions = encoder_outputs.position_embeddings[:1].to(input_dtype)
+            keys = position_heads(self.cross_pos_k_linear, positions, self.num_heads)
+            if not torch.is_grad_enabled():
+                encoder_outputs.cross_position_keys = keys  # an attribute, not a field: not part of the output
+        return keys.to(dtype)
+
     def code_buckets(self, past: int, total: int, device) -> torch.Tensor:
         """2-D image relative buckets between the code steps [past, total) and [0, total)."""
         ids = code_position_ids(total, self.config.code_image_size, self.config.image_bucket_size, device)
@@ -637,18 +672,16 @@ class BiomedGPTDecoder(nn.Module):
         positions = self.position_embeddings(key_positions, code_masks)  # (1 or B, past + T, d)
         query_pos = positions[:, past:]
         self_bias = absolute_position_bias(
-            self.self_pos_q_linear, self.self_pos_k_linear, query_pos, positions, self.num_heads, self.pos_scaling
+            position_heads(self.self_pos_q_linear, query_pos, self.num_heads),
+            position_heads(self.self_pos_k_linear, positions, self.num_heads),
+            self.pos_scaling,
         )  # (1 or B, H, T, past + T)
         self_bias = self_bias + self.self_attention_mask(
             query_positions, key_positions, attention_mask, self_bias.dtype
         )
+        cross_queries = position_heads(self.cross_pos_q_linear, query_pos, self.num_heads)
         cross_bias = absolute_position_bias(
-            self.cross_pos_q_linear,
-            self.cross_pos_k_linear,
-            query_pos,
-            encoder_outputs.position_embeddings[:1].to(x.dtype),
-            self.num_heads,
-            self.pos_scaling,
+            cross_queries, self.cross_position_keys(encoder_outputs, x.dtype, cross_queries.dtype), self.pos_scaling
         )  # (1 or B, H, T, S_enc)
         cross_bias = cross_bias + additive_mask(
             encoder_outputs.attention_mask[:, None, None, :].bool(), cross_bias.dtype
@@ -658,14 +691,15 @@ class BiomedGPTDecoder(nn.Module):
         )
         code_buckets = None if code_masks is None else self.code_buckets(past, past + length, x.device)
         prefixes = layer_prefixes(prefix_key_values, "decoder", len(self.layers))
+        encoder_hidden_states = in_matmul_dtype(encoder_outputs.last_hidden_state)  # feeds every layer's k and v
         hidden_states = (x,) if output_hidden_states else None
         attentions = cross_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
-            bias = self_bias + self.relative_bias(i, buckets, code_buckets, code_masks)
+            bias = self_bias + self.relative_bias(i, buckets, code_buckets, code_masks).to(self_bias.dtype)
             x, self_weights, cross_weights = layer(
                 x,
                 bias,
-                encoder_outputs.last_hidden_state,
+                encoder_hidden_states,
                 cross_bias,
                 cache=cache,
                 prefix=prefixes[i],
