@@ -115,7 +115,8 @@ def check_pickles(directory: str | Path, trust_pickle: bool = False) -> None:
                 raise CheckpointLoadError(
                     f"Refused to load {path}: it needs Python objects outside the safe allowlist "
                     f"({', '.join(blocked)}), and unpickling them could run code. Training checkpoints written by "
-                    f"this toolkit never do: the file was replaced or damaged. {TRUST_HINT}")
+                    "this toolkit never do: the file was replaced or damaged. Resume from another checkpoint; if you "
+                    "trust this one anyway, `scaling export --trust-pickle RUN_DIR --checkpoint DIR` exports its weights")
 
 
 def unsafe_globals(path: Path, allowlist: list) -> list[str]:
@@ -126,8 +127,9 @@ def unsafe_globals(path: Path, allowlist: list) -> list[str]:
     except Exception as error:  # not a torch zip archive (a raw pickle), or a damaged one
         raise CheckpointLoadError(
             f"Refused to load {path}: it is not a torch.save archive whose contents can be checked before loading "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}). {TRUST_HINT}"
-        ) from None
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}); checkpoints "
+            "written by this toolkit always are. Resume from another checkpoint, or export a trusted one with "
+            "`scaling export --trust-pickle`") from None
 
 
 @contextlib.contextmanager
