@@ -1,19 +1,23 @@
 """Throughput instruments: the toolkit's training loop and a bare torch loop timed on the same batches, FLOPs per
-step and MFU against a dense-matmul peak measured on the same device, data-loader and generation speed.
+step (by part, on the meta device) and MFU against a dense-matmul peak measured on the same device, data-loader and
+generation speed, transformers' BART of the same dimensions side by side, torch.compile against eager.
 
-    shape = BatchShape(batch=4, image_size=128, src_len=32, tgt_len=8)
+    shape = SHAPES["vqa"]                                         # BiomedGPT-Base VQA fine-tuning: 384 px, a question
     batches = synthetic_batches(model.config, shape, device)
-    peak = matmul_peak(torch.bfloat16, device)                  # FLOP/s, this run's ceiling for MFU
-    flops = step_flops(bare_model, batches[0], "bf16", device)   # one forward + backward
+    peak = matmul_peak(torch.bfloat16, device)                    # FLOP/s, this run's ceiling for MFU
+    flops = step_flops(model.config, shape)                       # {"total", "resnet", "encoder", "decoder", "lm_head"}
     toolkit = ToolkitLoop(cfg, accelerator, prepare_for_training(accelerator, model, cfg), batches)
     bare = BareLoop(bare_model, batches, "bf16", device)
     seconds = toolkit.run(steps), bare.run(steps)
+    against_bart(model.config, SHAPES["text"], "bf16", device, steps, repeats, new_tokens)
 
-Every timer synchronises the device before reading the clock, so CUDA's queued kernels count where they run.
+Every timer synchronises the device before reading the clock, so CUDA's queued kernels count where they run. Ratios
+come from loops timed alternately in one process, so a shared machine's load falls on both sides alike.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -22,18 +26,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import BartConfig, BartForConditionalGeneration
 
-from scaling.training.loop import loss_step, train
+from scaling.config import Decoding
+from scaling.evaluation.generate import CandidateSet, CandidateTrie, search_arguments
+from scaling.models.biomedgpt import BiomedGPTForConditionalGeneration
+from scaling.training.loop import train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class BatchShape:
-    """A micro-batch with every text slot filled (no padding) and one image per sample."""
+    """A micro-batch with every text slot filled (no padding) and one image per sample (image_size 0: text only)."""
 
     batch: int
     image_size: int
@@ -44,6 +54,16 @@ class BatchShape:
     def image_tokens(self) -> int:
         """Patches per image: the ResNet downsamples by 16."""
         return (self.image_size // 16) ** 2
+
+
+SHAPES = {
+    # BiomedGPT-Base VQA fine-tuning (VQA-RAD at 384 px): 576 patches, a question, a short answer
+    "vqa": BatchShape(batch=4, image_size=384, src_len=32, tgt_len=16),
+    # captioning as OFA and BiomedGPT fine-tune it (480 px): 900 patches, the short prompt, a report-length target
+    "caption": BatchShape(batch=4, image_size=480, src_len=16, tgt_len=64),
+    # the text-only path, as compared with transformers' BART
+    "text": BatchShape(batch=8, image_size=0, src_len=256, tgt_len=32),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,10 +103,12 @@ def synthetic_batches(config, shape: BatchShape, device: torch.device, count: in
         batch = {
             "input_ids": torch.randint(4, config.vocab_size, (shape.batch, shape.src_len), generator=generator),
             "attention_mask": torch.ones(shape.batch, shape.src_len, dtype=torch.long),
-            "pixel_values": torch.randn(shape.batch, 3, shape.image_size, shape.image_size, generator=generator),
-            "patch_masks": torch.ones(shape.batch, dtype=torch.bool),
             "labels": torch.randint(4, config.vocab_size, (shape.batch, shape.tgt_len), generator=generator),
         }
+        if shape.image_size:
+            size = shape.image_size
+            batch["pixel_values"] = torch.randn(shape.batch, 3, size, size, generator=generator)
+            batch["patch_masks"] = torch.ones(shape.batch, dtype=torch.bool)
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
@@ -112,14 +134,39 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) 
     return best
 
 
-def step_flops(model, batch: dict, precision: str, device: torch.device) -> int:
-    """FLOPs of one forward + backward (matmuls, convolutions, attention) as counted by FlopCounterMode."""
-    model.train()
+def counted_flops(work) -> int:
+    """FLOPs (matmuls, convolutions, attention) that FlopCounterMode counts while `work()` runs."""
     counter = FlopCounterMode(display=False)
-    with counter, autocast(precision, device):
-        loss_step(model, batch).backward()
-    model.zero_grad(set_to_none=True)
+    with counter:
+        work()
     return counter.get_total_flops()
+
+
+def step_flops(config, shape: BatchShape) -> dict[str, int]:
+    """FLOPs of one training forward + backward, in total and by part: the ResNet, the encoder layers (with the
+    embeddings and position biases), the decoder and the LM head (the vocabulary projection and its gradients).
+
+    Counted on the meta device, so any size costs neither memory nor time. Each part is its own forward + backward,
+    run as in the full step; the decoder is what remains of the total.
+    """
+    with torch.device("meta"):
+        model = BiomedGPTForConditionalGeneration(config).train()
+    meta = torch.device("meta")
+    batch = synthetic_batches(config, shape, meta, count=1)[0]
+    encoder = model.get_encoder()
+    # Every synthetic position is labelled, so projecting all of them is loss_step's work without its selection of
+    # labelled rows (a data-dependent shape, which meta tensors cannot have).
+    total = counted_flops(lambda: model(**batch).loss.backward())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    encoder_total = counted_flops(lambda: encoder(**inputs).last_hidden_state.sum().backward())
+    resnet = 0
+    if "pixel_values" in batch:
+        resnet = counted_flops(lambda: encoder.embed_images(batch["pixel_values"]).sum().backward())
+    hidden = torch.empty(batch["labels"].numel(), config.d_model, device=meta, requires_grad=True)
+    head = model.get_output_embeddings()
+    lm_head = counted_flops(lambda: F.cross_entropy(head(hidden), batch["labels"].flatten()).backward())
+    return {"total": total, "resnet": resnet, "encoder": encoder_total - resnet,
+            "decoder": total - encoder_total - lm_head, "lm_head": lm_head}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,7 +176,7 @@ def step_flops(model, batch: dict, precision: str, device: torch.device) -> int:
 class FixedBatches:
     """A BatchStream stand-in for the training loop: the same prepared batches in turn."""
 
-    images_skipped = 0  # the step log's count of undecodable images: these batches are decoded already
+    images_skipped = 0  # prepared tensors: no image to fail decoding
 
     def __init__(self, batches: list[dict]):
         self.batches, self.position = batches, 0
@@ -160,13 +207,24 @@ class ToolkitLoop:
         return time.perf_counter() - start
 
 
+def bare_loss(model, batch: dict) -> torch.Tensor:
+    """The training loss as a plain script would ask for it (only the labelled positions projected)."""
+    return model(**batch, return_logits=False).loss
+
+
+def transformers_loss(model, batch: dict) -> torch.Tensor:
+    """The loss of a transformers seq2seq model given labels."""
+    return model(**batch).loss
+
+
 class BareLoop:
     """The same work without the toolkit, written independently of it on purpose: autocast forward, backward,
     clipping, AdamW, zero_grad. AdamW is torch's fused kernel on CUDA and CPU, as in the toolkit, so the overhead
-    compares like with like."""
+    compares like with like. `loss` turns (model, batch) into the loss (another model family needs another call)."""
 
-    def __init__(self, model, batches: list[dict], precision: str, device: torch.device):
+    def __init__(self, model, batches: list[dict], precision: str, device: torch.device, loss=bare_loss):
         self.model, self.batches, self.precision, self.device = model.train(), batches, precision, device
+        self.loss = loss
         fused = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **fused)
         self.position = 0
@@ -179,13 +237,22 @@ class BareLoop:
             batch = self.batches[self.position % len(self.batches)]
             self.position += 1
             with autocast(self.precision, self.device):
-                loss = self.model(**batch, return_logits=False).loss
+                loss = self.loss(self.model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.device)
         return time.perf_counter() - start
+
+
+def alternating(loops: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each loop, `repeats` times, the loops taking turns (they share the machine's noise)."""
+    times = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            times[name].append(loop.run(steps) / steps)
+    return times
 
 
 def step_metrics(results: dict, toolkit_s: float, bare_s: float) -> dict:
@@ -207,6 +274,21 @@ def step_metrics(results: dict, toolkit_s: float, bare_s: float) -> dict:
         "bare_mfu_of_matmul_peak": flops / bare_s / results["matmul_peak_flops"],
         "toolkit_overhead": toolkit_s / bare_s - 1.0,
     }
+
+
+def compiled_vs_eager(model, batches: list[dict], precision: str, device: torch.device, steps: int,
+                      repeats: int) -> dict:
+    """torch.compile (inductor) against eager, bare loops on the same batches: the first compiled step (compilation
+    included), then the fastest of alternating repeats."""
+    eager = BareLoop(model, batches, precision, device)
+    compiled = BareLoop(torch.compile(model), batches, precision, device)
+    eager.run(1)
+    first_step = compiled.run(1)
+    compiled.run(1)  # the second batch may compile again
+    times = alternating({"eager": eager, "compiled": compiled}, steps, repeats)
+    return {"compile_first_step_s": first_step, "compile_eager_step_time_s": min(times["eager"]),
+            "compile_step_time_s": min(times["compiled"]),
+            "compile_speedup": min(times["eager"]) / min(times["compiled"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,34 +340,159 @@ def samples_per_s(stream, batches: int, batch_size: int) -> float:
 # Generation
 
 
+def greedy(new_tokens: int) -> dict:
+    """generate() settings for greedy decoding of exactly `new_tokens` tokens."""
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "num_beams": 1}
+
+
+def timed(work, precision: str, device: torch.device):
+    """(result, seconds) of `work()` under no_grad and autocast, as the evaluation runner runs the model: autocast
+    then casts each weight once per call (under inference_mode it would cast every weight again at every step)."""
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(precision, device):
+        result = work()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def timed_generate(model, inputs: dict, precision: str, device: torch.device, **settings) -> float:
+    """Seconds of one generate() call."""
+    return timed(lambda: model.generate(**inputs, **settings), precision, device)[1]
+
+
+def prompt_inputs(config, batch: dict, prompts: int, device: torch.device) -> dict:
+    """`prompts` rows of the batch's first sample, each with its own random text (so no row repeats another)."""
+    inputs = {k: v[:1].repeat(prompts, *[1] * (v.dim() - 1)) for k, v in batch.items() if k != "labels"}
+    inputs["input_ids"] = torch.randint(4, config.vocab_size, inputs["input_ids"].shape, device=device)
+    return inputs
+
+
+def rows(inputs: dict, index: int) -> dict:
+    """Sample `index` of the inputs, as a batch of one."""
+    return {k: v[index:index + 1] for k, v in inputs.items()}
+
+
 def generation_throughput(model, batch: dict, precision: str, prompts: int, new_tokens: int,
                           device: torch.device) -> dict:
-    """Greedy decoding tokens/s: KV cache vs none (batched), and `prompts` prompts together vs one by one."""
+    """Greedy decoding of `new_tokens` tokens for `prompts` prompts: with and without the KV cache, and together vs
+    one by one. The encoder, which runs once per prompt either way, is timed apart, so the figures are given for
+    whole generate() calls (encoder + decoding) and for decoding alone."""
     model.eval()
-    inputs = {k: v[:1].repeat(prompts, *[1] * (v.dim() - 1)) for k, v in batch.items() if k != "labels"}
-    # Vary the prompts so no cache of identical rows can help the batch.
-    inputs["input_ids"] = torch.randint(4, model.config.vocab_size, inputs["input_ids"].shape, device=device)
+    inputs = prompt_inputs(model.config, batch, prompts, device)
+    encoder = model.get_encoder()
+    settings = greedy(new_tokens)
 
-    def timed(kwargs: dict, use_cache: bool) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode(), autocast(precision, device):
-            out = model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 num_beams=1, use_cache=use_cache)
-        synchronize(device)
-        assert out.shape[1] >= new_tokens, out.shape
-        return time.perf_counter() - start
+    def encoded(sample_inputs: dict):
+        return timed(lambda: encoder(**sample_inputs), precision, device)
 
-    timed({k: v[:1] for k, v in inputs.items()}, True)  # warm-up
-    cached = timed(inputs, True)
-    uncached = timed(inputs, False)
-    one_by_one = sum(timed({k: v[i:i + 1] for k, v in inputs.items()}, True) for i in range(prompts))
+    def decode(encoder_outputs, **extra) -> float:
+        # a fresh output object per call: what one generate() call derives from its encoder output starts afresh
+        return timed_generate(model, {"encoder_outputs": type(encoder_outputs)(**encoder_outputs)}, precision, device,
+                              **settings, **extra)
+
+    timed_generate(model, rows(inputs, 0), precision, device, **settings)  # warm-up
+    batch_encoded, encoder_s = encoded(inputs)
+    cached = decode(batch_encoded, use_cache=True)
+    uncached = decode(batch_encoded, use_cache=False)
+    one_encoder_s = one_decode_s = 0.0
+    for i in range(prompts):
+        sample_encoded, seconds = encoded(rows(inputs, i))
+        one_encoder_s += seconds
+        one_decode_s += decode(sample_encoded, use_cache=True)
     tokens = prompts * new_tokens
     model.train()
     return {
-        "generation_tokens_per_s": tokens / cached,
-        "generation_uncached_tokens_per_s": tokens / uncached,
-        "generation_one_by_one_tokens_per_s": tokens / one_by_one,
-        "kv_cache_speedup": uncached / cached,
-        "batched_generation_speedup": one_by_one / cached,
+        "generation_tokens_per_s": tokens / (encoder_s + cached),
+        "generation_encoder_share": encoder_s / (encoder_s + cached),
+        "kv_cache_speedup": (encoder_s + uncached) / (encoder_s + cached),
+        "kv_cache_decode_speedup": uncached / cached,
+        "batched_generation_speedup": (one_encoder_s + one_decode_s) / (encoder_s + cached),
+        "batched_decode_speedup": one_decode_s / cached,
+    }
+
+
+def candidate_answers(vocab_size: int, eos_token_id: int, count: int, seed: int = 0) -> CandidateSet:
+    """`count` random answers of 1-4 tokens, each ending in EOS (500: about VQA-RAD's answer list)."""
+    generator = torch.Generator().manual_seed(seed)
+    token_ids = []
+    for _ in range(count):
+        length = int(torch.randint(1, 5, (1,), generator=generator))
+        token_ids.append(torch.randint(4, vocab_size, (length,), generator=generator).tolist() + [eos_token_id])
+    return CandidateSet([str(i) for i in range(count)], token_ids, CandidateTrie(token_ids))
+
+
+def search_throughput(model, batch: dict, precision: str, prompts: int, new_tokens: int, beams: int,
+                      device: torch.device) -> dict:
+    """Seconds per prompt, `prompts` prompts together: beam search of `new_tokens` tokens, and decoding constrained
+    to a trie of 500 short answers as the evaluation's constrained mode runs it (same beam size)."""
+    model.eval()
+    inputs = prompt_inputs(model.config, batch, prompts, device)
+    beam_s = timed_generate(model, inputs, precision, device, **{**greedy(new_tokens), "num_beams": beams})
+    candidates = candidate_answers(model.config.vocab_size, model.config.eos_token_id, 500)
+    ids = SimpleNamespace(pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    search = search_arguments(Decoding(mode="constrained", beam=beams, max_new_tokens=new_tokens), ids, 1,
+                              [candidates] * prompts)
+    constrained_s = timed_generate(model, inputs, precision, device, **search)
+    model.train()
+    return {"search_beams": beams, "beam_search_s_per_prompt": beam_s / prompts,
+            "constrained_candidates": len(candidates.answers), "constrained_s_per_prompt": constrained_s / prompts}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Side by side with transformers' BART
+
+
+def bart_twin(config) -> BartForConditionalGeneration:
+    """transformers' BART with this model's transformer dimensions (width, depth, heads, FFN, activation, dropout,
+    positions, vocabulary, tied embeddings, SDPA attention): the reference for the text-only path."""
+    bart = BartConfig(
+        vocab_size=config.vocab_size, d_model=config.d_model, encoder_layers=config.encoder_layers,
+        decoder_layers=config.decoder_layers, encoder_attention_heads=config.encoder_attention_heads,
+        decoder_attention_heads=config.decoder_attention_heads, encoder_ffn_dim=config.encoder_ffn_dim,
+        decoder_ffn_dim=config.decoder_ffn_dim, activation_function=config.activation_function,
+        dropout=config.dropout, attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout, max_position_embeddings=config.max_positions,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        decoder_start_token_id=config.decoder_start_token_id, forced_eos_token_id=None, scale_embedding=False,
+        tie_word_embeddings=True)
+    bart._attn_implementation = "sdpa"
+    return BartForConditionalGeneration(bart)
+
+
+def against_bart(config, shape: BatchShape, precision: str, device: torch.device, steps: int, repeats: int,
+                 new_tokens: int) -> dict:
+    """This model's text-only path against BART of the same dimensions, in one run on the same batches: training
+    steps (bare loops, taking turns), FLOPs per step (counted on the warm-up step), cached greedy generation of
+    `new_tokens` tokens (taking turns), and this model's uncached decoding."""
+    torch.manual_seed(0)
+    config = copy.deepcopy(config)
+    config.label_smoothing = 0.0  # BART's loss has none
+    models = {"ours": BiomedGPTForConditionalGeneration(config).to(device), "bart": bart_twin(config).to(device)}
+    batches = synthetic_batches(config, shape, device)
+    loops = {"ours": BareLoop(models["ours"], batches, precision, device),
+             "bart": BareLoop(models["bart"], batches, precision, device, loss=transformers_loss)}
+    flops = {name: counted_flops(lambda loop=loop: loop.run(1)) for name, loop in loops.items()}
+    steps_s = alternating(loops, steps, repeats)
+    inputs = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask")}
+    generation = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
+        timed_generate(model, rows(inputs, 0), precision, device, **greedy(new_tokens))  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            generation[name].append(timed_generate(model, inputs, precision, device, **greedy(new_tokens)))
+    uncached = timed_generate(models["ours"], inputs, precision, device, **greedy(new_tokens), use_cache=False)
+    ours_step, bart_step = min(steps_s["ours"]), min(steps_s["bart"])
+    ours_generation, bart_generation = min(generation["ours"]), min(generation["bart"])
+    return {
+        "bart_shape": {"batch": shape.batch, "src_len": shape.src_len, "tgt_len": shape.tgt_len,
+                       "new_tokens": new_tokens},
+        "bart_parameters": sum(p.numel() for p in models["bart"].parameters()),
+        "bart_ours_flops_per_step": flops["ours"], "bart_flops_per_step": flops["bart"],
+        "bart_ours_step_time_s": ours_step, "bart_step_time_s": bart_step, "bart_step_ratio": ours_step / bart_step,
+        "bart_ours_generation_s": ours_generation, "bart_generation_s": bart_generation,
+        "bart_generation_ratio": ours_generation / bart_generation,
+        "bart_ours_kv_cache_speedup": uncached / ours_generation,
+        "bart_times_s": {"step": steps_s, "generation": generation},
     }
