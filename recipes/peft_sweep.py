@@ -1,181 +1,232 @@
-"""MILE's component × method table: train every (vision, encoder, decoder) PEFT policy for the same budget, score VQA.
+"""MILE's component × method study: train every (vision, encoder, decoder) PEFT policy of a grid for the same budget,
+score VQA, and write the table and a replication report beside MILE's published numbers.
 
-Launch from the repository root (one process; the rows run one after another in it):
+Launch from the repository root:
 
-    python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_synthetic.yaml
-    python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_vqa_rad.yaml \
-        "peft.sweep=[T-T-T, F-LoRA-LoRA:4, T-T-LoRA:4]" train.max_steps=2000
+    python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_synthetic.yaml   # the CPU proxy
+    python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_vqa_rad.yaml peft.grid=mile_table1
+    python recipes/peft_sweep.py --config recipes/configs/biomedgpt/peft_sweep_slake.yaml \
+        "peft.sweep=[T-T-T, F-T-LoRA:4, T-T-LoRA:4]" train.max_steps=2000
+    accelerate launch --config_file accelerate_configs/zero2.yaml --num_processes 2 recipes/peft_sweep.py \
+        --config recipes/configs/biomedgpt/peft_sweep_synthetic.yaml
 
-Each row (peft.sweep, MILE's ViT-JTM-Dec labels; empty = scaling.sweep.DEFAULT_GRID, the rows of MILE Tables 1-4) is trained with
-the fine-tuning recipe's loop on the VQA sources for train.max_steps steps, then scored on their test split. With
-peft.sweep_pretrain_steps every row starts from one model fully fine-tuned first on the other tasks' sources. Written
-to train.output_dir: peft_sweep.{md,csv,json} (ViT / JTM / Dec, rank, #Params %, memory, Opened, Closed, Global) and
-peft_sweep.png (accuracy against trainable %); per row rows/<label>/ holds its step log, adapter and eval report.
-Memory is the peak of the row's training: CUDA max allocated, or the process's peak RSS on CPU (which also holds
-the data and the Python runtime, so compare rows, not absolute values).
+The rows are peft.sweep (MILE's ViT-JTM-Dec labels), else the named grid peft.grid (scaling.sweep.GRIDS: MILE's
+Tables 1-4, 5, 6-7 and 8, or the CPU proxy), plus peft.sweep_repeat rows again with a second seed (the report's seed
+noise). Each row runs in its own process, started by this one (under `accelerate launch` every rank starts its part
+of the row with the same launch settings on a fresh port), so its memory figure is its own: CUDA max allocated, or
+the peak resident set size of the row's process on CPU (which also holds the data and the Python runtime: compare
+rows, not absolute values). With peft.sweep_pretrain_steps, a first process fully fine-tunes the model on the other
+tasks' sources and every row starts from it. A row trains for train.max_steps on the VQA sources (MILE's origin data,
+or its instruction format), then is scored on their test split with eval.* (MILE: free generation, beam 3).
+
+Written to train.output_dir: peft_sweep.{md,csv,json,png} (the table), replication.{md,html,json} (MILE's numbers
+beside ours, a verdict per finding), rows/<row>/ (each row's config, logs, export: adapter or model, eval report and
+row.json). Rerun one row: `python recipes/peft_sweep.py --config <output_dir>/config.yaml peft.sweep_row=<label>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from pathlib import Path
 
-from accelerate.utils import set_seed
-
-from scaling.adapters import count_trainable, save_adapter
-from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config, sweep_row
+from scaling.adapters import count_trainable
+from scaling.config import Config, ConfigError, Runtime, parse_cli, save_config
 from scaling.data.instruct import instruction_formatter
-from scaling.data.loading import SourceSplit, all_records, load_sources, training_sources
+from scaling.data.loading import all_records, missing_paths
+from scaling.evaluation.replication import write_replication
 from scaling.evaluation.runner import eval_collator, evaluate_model
 from scaling.logging import get_logger, setup_logging
-from scaling.sweep import DEFAULT_GRID, table_row, write_table
+from scaling.sweep import (
+    PRETRAIN,
+    SweepData,
+    grid_rows,
+    pretrain_config,
+    pretrained_dir,
+    row_config,
+    row_dir,
+    run_in_own_process,
+    sweep_data,
+    table_row,
+    write_table,
+)
 from scaling.training.batches import BatchStream
+from scaling.training.checkpoint import export_from_run
 from scaling.training.distributed import build_accelerator
 from scaling.training.loop import train
 from scaling.training.memory import peak_memory, reset_peak_memory
 from scaling.training.run import build_model, build_tokenizer, prepare_for_training, run_recipe
-from scaling.training.tracking import finish_trackers, read_metrics
+from scaling.training.tracking import read_metrics
 
 log = get_logger("recipes.peft_sweep")
+RECIPE = Path(__file__).resolve()
+ROW_RESULT = "row.json"
 
 
-def row_configs(cfg: Config, base_dir: Path | None) -> list[tuple[str, Config]]:
-    """(label, config) per row; every row validated before any training, all problems at once."""
-    rows, problems = [], []
-    model = dataclasses.replace(cfg.model, checkpoint=str(base_dir)) if base_dir else cfg.model
-    for label in cfg.peft.sweep or DEFAULT_GRID:
-        peft = dataclasses.replace(cfg.peft, **sweep_row(label), sweep=[])
-        row = with_run(dataclasses.replace(cfg, model=model, peft=peft),
-                       Path(cfg.train.output_dir) / "rows" / label.replace(":", "_r").replace("@", "_"))
-        problems += [f"row {label}: {p}" for p in row.problems(Runtime.from_env())]
-        rows.append((label, row))
-    if problems:
-        raise ConfigError(problems)
-    return rows
-
-
-def with_run(cfg: Config, run_dir: Path, max_steps: int | None = None) -> Config:
-    """The config of one training run of the sweep: its own directory, no step checkpoints (the sweep keeps the
-    adapter or the model instead)."""
-    steps = max_steps or cfg.train.max_steps
-    train_args = dataclasses.replace(cfg.train, output_dir=str(run_dir), max_steps=steps, save_every=steps + 1)
-    return dataclasses.replace(cfg, train=train_args)
-
-
-@dataclasses.dataclass
-class SweepData:
-    """Every training source (the tokenizer's corpus), the VQA ones every row trains and is scored on, and the
-    others, on which the common starting model is pretrained."""
-
-    train: list[SourceSplit]
-    vqa_train: list[SourceSplit]
-    vqa_test: list[SourceSplit]
-    pretrain: list[SourceSplit]
-
-
-def sweep_data(cfg: Config, accelerator) -> SweepData:
-    """Load every training source and split them into the VQA sources (rows) and the rest (pretraining).
-
-    Pretraining on the other tasks means the rows adapt a model that knows the images but not the VQA task, as MILE
-    adapted a pretrained MISS to VQA-RAD and SLAKE; with VQA sources only, pretraining uses them.
-    """
-    train_data = load_sources(training_sources(cfg, accelerator), cfg.data)
-    vqa = [s for s in train_data if s.records and s.records[0].task == "vqa"]
-    if not vqa:
-        raise ConfigError(["the sweep scores VQA (MILE's Opened/Closed/Global): configure at least one VQA source"])
-    others = [s for s in train_data if s not in vqa] or train_data
-    test_sources = [dataclasses.replace(s.source, split="test") for s in vqa]
-    return SweepData(train_data, vqa, load_sources(test_sources, cfg.data, cfg.eval.max_samples), others)
-
-
-def fit(cfg: Config, tokenizer, train_data: list[SourceSplit], label: str):
-    """Build the model of `cfg` (PEFT applied) and train it on the library's training path; returns it prepared,
-    with its accelerator, trainable counts and peak training memory."""
-    accelerator = build_accelerator(cfg)
-    set_seed(cfg.train.seed)  # every row starts from the same weights and draws the same batches
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.train.output_dir)
-    reset_peak_memory()
-    model = build_model(cfg, tokenizer)
-    counts = count_trainable(model)
-    stream = BatchStream(train_data, cfg, tokenizer, model.config.image_size, accelerator.process_index,
-                         accelerator.num_processes)
-    prepared = prepare_for_training(accelerator, model, cfg)
-    accelerator.init_trackers(label)
-    train(cfg, accelerator, prepared, stream, 0)
-    stream.close()
-    memory = peak_memory(accelerator.device)
-    accelerator.free_memory(prepared.optimizer, prepared.scheduler)
-    return prepared.model, accelerator, counts, memory
-
-
-def pretrain_base(cfg: Config, tokenizer, train_data: list[SourceSplit]) -> Path:
-    """Full fine-tuning on `train_data`, saved as the checkpoint all rows start from."""
-    run_dir = Path(cfg.train.output_dir) / "pretrain"
-    base = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, vision="full", encoder="full", decoder="full",
-                                                             quantize="none", sweep=[]))
-    model, accelerator, _, _ = fit(with_run(base, run_dir, cfg.peft.sweep_pretrain_steps), tokenizer, train_data,
-                                   "pretrain")
-    base_dir = run_dir / "model"
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(base_dir)
-    accelerator.wait_for_everyone()
-    finish_trackers(accelerator)
-    return base_dir
-
-
-def run_row(label: str, cfg: Config, tokenizer, data: SweepData) -> dict:
-    """Train one policy for the fixed budget and score it; returns its table row."""
-    start = time.perf_counter()
-    model, accelerator, counts, memory = fit(cfg, tokenizer, data.vqa_train, label)
-    if cfg.peft.enabled:
-        save_adapter(accelerator.unwrap_model(model), Path(cfg.train.output_dir) / "adapter",
-                     accelerator.is_main_process)
-    formatter = instruction_formatter(cfg, all_records(data.vqa_train))
-    collator = eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config, formatter)
-    scores = evaluate_model(model, tokenizer, data.vqa_test, cfg, accelerator,
-                            Path(cfg.train.output_dir) / "eval", collator, name=label)
-    finish_trackers(accelerator)
-    accelerator.free_memory(model)
-    return table_row(cfg, counts, memory, scores, final_loss(cfg), time.perf_counter() - start)
-
-
-def final_loss(cfg: Config) -> float | None:
-    losses = [r["loss"] for r in read_metrics(cfg.train.output_dir) if "loss" in r]
-    return losses[-1] if losses else None
-
-
-def main(argv: list[str] | None = None) -> None:
-    # 1. config and every row's config, validated before any work
+def main(argv: list[str] | None = None) -> int:
     cfg, config_path = parse_cli(argv, __doc__.splitlines()[0])
     cfg.validate(Runtime.from_env(), source=config_path)
+    if cfg.peft.sweep_row == PRETRAIN:
+        return pretrain(cfg)
+    if cfg.peft.sweep_row:
+        return run_row(cfg)
+    return sweep(cfg, config_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sweep: one process per row
+
+
+def sweep(cfg: Config, config_path: str | None) -> int:
+    # 1. every row's config validated before any work, all problems at once
+    rows = grid_rows(cfg.peft)
+    check_rows(cfg, rows, config_path)
     out_dir = Path(cfg.train.output_dir)
-    base_dir = out_dir / "pretrain" / "model" if cfg.peft.sweep_pretrain_steps else None
-    rows = row_configs(cfg, base_dir)
     setup_logging(out_dir, cfg.logging.level)
     log.info("PEFT sweep: %d rows × %d steps → %s", len(rows), cfg.train.max_steps, out_dir)
 
-    # 2. data and tokenizer once, shared by all rows; optionally the common starting model
+    # 2. the data checked once and the tokenizer trained once; the resolved config is what every row process reads
     accelerator = build_accelerator(cfg)
-    set_seed(cfg.train.seed)
     data = sweep_data(cfg, accelerator)
-    tokenizer = build_tokenizer(cfg, accelerator, data.train)
-    if base_dir:
+    build_tokenizer(cfg, accelerator, data.train)
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir)
+    config_file = out_dir / "config.yaml"
+
+    # 3. the common starting model, in its own process
+    if cfg.peft.sweep_pretrain_steps:
         log.info("pretraining the common starting model: %d steps on %s", cfg.peft.sweep_pretrain_steps,
                  ", ".join(s.label for s in data.pretrain))
-        pretrain_base(cfg, tokenizer, data.pretrain)
+        if run_in_own_process(accelerator, RECIPE, config_file, PRETRAIN):
+            log.error("pretraining failed; see %s", out_dir / PRETRAIN / "train.log")
+            return 1
 
-    # 3. the rows, one after another; the table is rewritten after each so a long sweep can be read while it runs
-    table = []
-    for label, row_cfg in rows:
-        log.info("row %s", label)
-        table.append({"label": label, **run_row(label, row_cfg, tokenizer, data)})
+    # 4. the rows, one process each; the table and the report are rewritten after each row
+    table, failed = [], []
+    for row in rows:
+        log.info("row %s", row.label)
+        result = row_dir(out_dir, row) / ROW_RESULT
         if accelerator.is_main_process:
-            paths = write_table(table, out_dir)
-    if accelerator.is_main_process:
+            result.unlink(missing_ok=True)  # a previous sweep's result must not stand in for this one
+        if run_in_own_process(accelerator, RECIPE, config_file, row.label) == 0 and result.is_file():
+            table.append(json.loads(result.read_text()))
+        else:
+            failed.append(row.label)
+            log.error("row %s failed; see %s", row.label, row_dir(out_dir, row) / "train.log")
+        if accelerator.is_main_process and table:
+            paths, report = write_table(table, out_dir), write_replication(table, cfg, out_dir, failed)
+    if accelerator.is_main_process and table:
         log.info("table: %s\n%s", paths["md"], paths["md"].read_text())
+        log.info("replication report: %s", report["html"])
     accelerator.end_training()
+    if failed:
+        log.error("%d row(s) failed: %s", len(failed), ", ".join(failed))
+    return 1 if failed else 0
+
+
+def check_rows(cfg: Config, rows, config_path: str | None) -> None:
+    """Each row's and the pretraining's config against the launch, and the dataset paths, before any work (the model
+    and tokenizer directories the sweep itself writes are not there yet: those of the config are checked instead)."""
+    runtime = Runtime.from_env()
+    configs = [("pretraining", pretrain_config(cfg))] if cfg.peft.sweep_pretrain_steps else []
+    configs += [(f"row {row.label}", row_config(cfg, row)) for row in rows]
+    problems = [f"{name}: {p}" for name, run_cfg in configs
+                for p in dataclasses.replace(run_cfg, model=cfg.model).problems(runtime)]
+    problems += missing_paths(cfg.data.sources)
+    if problems:
+        raise ConfigError(sorted(set(problems), key=problems.index), config_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One process: the common starting model, or one row
+
+
+def pretrain(cfg: Config) -> int:
+    """Full fine-tuning on the non-VQA sources, exported as the model every row starts from."""
+    run_cfg = pretrain_config(cfg)
+    accelerator, data, tokenizer = start_process(run_cfg)
+    prepared, _ = fit(run_cfg, accelerator, tokenizer, data.pretrain, None)
+    export_from_run(accelerator, prepared.model, tokenizer, pretrained_dir(Path(cfg.train.output_dir)))
+    accelerator.end_training()
+    return 0
+
+
+def run_row(cfg: Config) -> int:
+    """Train one row for the fixed budget, export it, score it; rank 0 writes its line of the table to row.json."""
+    row = next(r for r in grid_rows(cfg.peft) if r.label == cfg.peft.sweep_row)
+    run_cfg = row_config(cfg, row)
+    run_dir = Path(run_cfg.train.output_dir)
+    accelerator, data, tokenizer = start_process(run_cfg)
+    start = time.perf_counter()
+    formatter = instruction_formatter(run_cfg, all_records(data.vqa_train))
+    prepared, counts = fit(run_cfg, accelerator, tokenizer, data.vqa_train, formatter)
+    memory = max_over_ranks(accelerator, peak_memory(accelerator.device))  # model build + training
+    export_from_run(accelerator, prepared.model, tokenizer, run_dir / "model", merge=False)
+    collator = eval_collator(tokenizer, run_cfg, accelerator.unwrap_model(prepared.model).config, formatter)
+    scores = evaluate_model(prepared.model, tokenizer, data.vqa_test, run_cfg, accelerator, run_dir / "eval", collator,
+                            name=row.label)
+    if accelerator.is_main_process:
+        measured = {"memory_mib": memory / 2**20, "memory_kind": memory_kind(accelerator), "pid": os.getpid(),
+                    "final_loss": final_loss(run_dir), "seconds": time.perf_counter() - start,
+                    **yes_no_counts(data)}
+        (run_dir / ROW_RESULT).write_text(json.dumps(table_row(run_cfg, counts, scores, measured), indent=2))
+    accelerator.end_training()
+    return 0
+
+
+def start_process(run_cfg: Config):
+    """Logging into the run directory, the Accelerator, the resolved config, the seed, the data, the tokenizer."""
+    from accelerate.utils import set_seed
+
+    setup_logging(run_cfg.train.output_dir, run_cfg.logging.level)
+    accelerator = build_accelerator(run_cfg)
+    if accelerator.is_main_process:
+        save_config(run_cfg, run_cfg.train.output_dir)
+    set_seed(run_cfg.train.seed)
+    data = sweep_data(run_cfg, accelerator)
+    return accelerator, data, build_tokenizer(run_cfg, accelerator, data.train)
+
+
+def fit(run_cfg: Config, accelerator, tokenizer, splits, formatter):
+    """Build the model of `run_cfg` (PEFT applied) and train it on the library's training path; the peak memory
+    window starts here, so data loading before it does not count."""
+    reset_peak_memory(accelerator.device)
+    model = build_model(run_cfg, tokenizer)
+    counts = count_trainable(model)
+    stream = BatchStream(splits, run_cfg, tokenizer, model.config.image_size, accelerator.process_index,
+                         accelerator.num_processes, instruction=formatter)
+    prepared = prepare_for_training(accelerator, model, run_cfg)
+    accelerator.init_trackers(Path(run_cfg.train.output_dir).name)
+    train(run_cfg, accelerator, prepared, stream, 0)
+    stream.close()
+    return prepared, counts
+
+
+def max_over_ranks(accelerator, value: int) -> int:
+    """The largest of every rank's value (sync point)."""
+    import torch
+
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
+def memory_kind(accelerator) -> str:
+    where = "CUDA max allocated" if accelerator.device.type == "cuda" else "peak RSS"
+    return where + (f" (max over {accelerator.num_processes} ranks)" if accelerator.num_processes > 1 else "")
+
+
+def yes_no_counts(data: SweepData) -> dict:
+    """How many test questions MILE's Closed (yes/no reference) and Opened (the rest) cover."""
+    from scaling.evaluation.metrics import YES_NO, normalize_vqa_answer
+
+    closed = sum(normalize_vqa_answer(r.target) in YES_NO for split in data.vqa_test for r in split.records)
+    return {"n_closed": closed, "n_opened": sum(len(s.records) for s in data.vqa_test) - closed}
+
+
+def final_loss(run_dir: Path) -> float | None:
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    return losses[-1] if losses else None
 
 
 if __name__ == "__main__":

@@ -15,11 +15,19 @@ Prefix tuning and P-tuning v2 use peft's `PrefixEncoder` for the parameters (MIL
 `generate()` sees them too. peft itself cannot express a prefix on only one side of a custom encoder-decoder.
 MILE's z = [PREFIX; x] is realised as in its code (and Li & Liang): P virtual key/value vectors prepended in every
 self-attention layer of the component, produced by an MLP from P embeddings (prefix) or read from a trainable
-P x (layers * 2 * d) matrix (ptv2); they carry no position bias and do not shift the real tokens' positions.
+P x (layers * 2 * d) matrix (ptv2); they carry no position bias and do not shift the real tokens' positions. (MILE's
+BLIP decoder did shift them: HF BERT starts the position ids after the cached length, so its real tokens were
+embedded at positions P..P+n. OFA has no absolute position embedding in the hidden states, only position biases
+on the attention logits, so there is nothing to shift; the rows of the PEFT sweep differ from MILE's there.)
 
 Policies in detail:
-- freeze / full set requires_grad; a parameter tied across components (the shared token embedding) trains when any
-  of its owners is full. A ResNet that is not fully trained normalises with its BatchNorm running statistics.
+- freeze / full set requires_grad. A ResNet that is not fully trained normalises with its BatchNorm statistics.
+- The Dec column is honoured: OFA ties the decoder's token embedding and output projection to the encoder's token
+  embedding. When exactly one of encoder and decoder is `full`, the decoder gets its own copy for the run (still
+  tied to its output projection, as MISS's decoder is), so it follows the decoder's policy and the encoder's copy the
+  encoder's; #Params counts both copies. The copy is part of the policy: save_adapter keeps the trained one,
+  load_adapter unties the base model again before loading, and merge_adapters refuses (a BiomedGPT checkpoint holds
+  one shared embedding). With equal policies the embedding stays shared and trains when both are full.
 - QLoRA (quantize nf4/int8) replaces the nn.Linear of every non-full component by a frozen bitsandbytes layer before
   the adapters are injected (peft then uses its bnb-aware LoRA/IA3 layers). Adapters are float32 without DeepSpeed
   (autocast computes in 16 bits); under DeepSpeed bf16/fp16 they are 16-bit like every parameter, and DeepSpeed's
@@ -142,6 +150,8 @@ def apply_peft(model: nn.Module, args: PeftArgs) -> nn.Module:
     problems = peft_problems(model, args)
     if problems:
         raise ConfigError(problems, "peft")
+    if (args.encoder == "full") != (args.decoder == "full"):
+        untie_decoder_embeddings(model)
     if args.quantize != "none":
         quantize_frozen_linears(model, args)
     for method in INJECTED:
@@ -174,6 +184,27 @@ def peft_config(args: PeftArgs, method: str, components: list[str]) -> LoraConfi
         return IA3Config(target_modules=targets, feedforward_modules=ff_regex)
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                       use_dora=method == "dora")
+
+
+def untie_decoder_embeddings(model: nn.Module) -> None:
+    """Give the decoder its own copy of the shared token embedding, tied to its output projection (sync-free: every
+    rank copies the same weights)."""
+    decoder = _side_module(model, "decoder")
+    shared = decoder.embed_tokens
+    with gathered([shared.weight]):
+        weight = shared.weight.detach().clone()
+    copy = nn.Embedding(shared.num_embeddings, shared.embedding_dim, padding_idx=shared.padding_idx,
+                        device=weight.device, dtype=weight.dtype)
+    copy.weight = nn.Parameter(weight, requires_grad=shared.weight.requires_grad)
+    decoder.embed_tokens = copy
+    # The model's config keeps tie_word_embeddings (it may be shared with other models): transformers' tie_weights()
+    # would share the embedding again, and nothing after apply_peft calls it.
+    model.get_output_embeddings().weight = copy.weight
+
+
+def embeddings_untied(model: nn.Module) -> bool:
+    """Whether the decoder has its own token embedding (untie_decoder_embeddings ran on this model)."""
+    return model.get_input_embeddings().weight is not model.get_output_embeddings().weight
 
 
 def activate_all_adapters(model: nn.Module) -> None:
@@ -445,6 +476,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     if args.quantize != "none":
         raise ValueError("merging into bitsandbytes-quantised weights loses precision; reload the adapter on the "
                          "unquantised base with load_adapter(base, dir, quantize='none') and merge that")
+    if embeddings_untied(model):
+        raise ValueError(f"the decoder's token embedding was untied from the encoder's (encoder={args.encoder}, "
+                         f"decoder={args.decoder}), and a BiomedGPT checkpoint holds one shared embedding; keep the "
+                         "adapter and load it with load_adapter(base, dir)")
     tuner_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     with torch.no_grad():
         for name, layer in tuner_layers:

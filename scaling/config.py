@@ -290,22 +290,34 @@ class PeftArgs:
     """Encoder LoRA/DoRA targets (suffixes): query and value projections, MILE's (peft's BERT default) choice."""
     decoder_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Decoder LoRA/DoRA targets (suffixes); matches self- and cross-attention, as MILE's did."""
-    ia3_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "fc2"])
-    """Encoder/decoder IA3 targets: keys and values (output scaling) and fc2 (input scaling), as in the IA3 paper."""
-    ia3_feedforward_modules: list[str] = field(default_factory=lambda: ["fc2"])
-    """IA3 targets scaled on their input (the FFN activation); a subset of ia3_modules. MILE's peft BERT default also
-    hit the attention output by suffix match: set ia3_modules [k_proj, v_proj, out_proj, fc2] and this
-    [out_proj, fc2] to reproduce it."""
+    ia3_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "out_proj", "fc2"])
+    """Encoder/decoder IA3 targets, MILE's (peft's BERT default key / value / output.dense, which by suffix hits the
+    attention output and the FFN output): keys and values (self- and cross-attention) scaled on their output, the
+    attention output projection and fc2 on their input."""
+    ia3_feedforward_modules: list[str] = field(default_factory=lambda: ["out_proj", "fc2"])
+    """IA3 targets scaled on their input rather than their output; a subset of ia3_modules (MILE: both output
+    projections, as peft's BERT default treats output.dense). [fc2] alone is the IA3 paper's choice."""
     prefix_hidden_size: int | None = None
     """Hidden width of the prefix MLP (prefix with prefix_projection); None: the model width, as in MILE."""
+    grid: str = "mile_tables1_4"
+    """Sweep only: the named grid run when peft.sweep is empty (scaling.sweep.GRIDS): mile_table1..4 (MILE's LoRA,
+    Prefix, IA3 and P-tuning v2 tables), mile_tables1_4 (all of them + global fine-tuning), mile_table5 (origin data,
+    instruction data, origin then instruction), mile_tables6_7 (Tables 1-4 on instruction-format data),
+    mile_table8 (global fine-tuning vs decoder-only PEFT), proxy (the CPU replication of the findings)."""
     sweep: list[str] = field(default_factory=list)
-    """Rows of recipes/peft_sweep.py as MILE's ViT-JTM-Dec labels (F = freeze, T = full, or a method), an optional
-    `:rank` and `@nf4`/`@int8`, e.g. [T-T-T, F-LoRA-LoRA:4, T-IA3-IA3, F-F-PTv2, F-LoRA-LoRA:8@nf4]; empty: the
-    recipe's default grid (MILE Tables 1-4)."""
+    """Sweep only: explicit rows, MILE's VISION-ENCODER-DECODER labels (F = freeze, T = full, or a method) with
+    optional `:RANK`, `@nf4`/`@int8`, `/instruction` or `/origin+instruction` (the training data) and `/seedN`
+    (train.seed + N - 1), e.g. [T-T-T, F-LoRA-LoRA:4, T-T-T/instruction, T-T-LoRA:4/seed2]; empty: peft.grid."""
+    sweep_repeat: list[str] = field(default_factory=list)
+    """Sweep only: rows run a second time with train.seed + 1, so the replication report can measure seed noise and
+    tell which differences between rows are real."""
     sweep_pretrain_steps: int = 0
     """Sweep only: full fine-tuning steps on the training sources other than VQA (all of them if VQA is the only
     task) before the rows, which then all start from that model and learn VQA (a stand-in for a pretrained
     checkpoint, as MILE adapted a pretrained MISS); 0: model.checkpoint/preset."""
+    sweep_row: str | None = None
+    """Sweep only, set by the sweep for each process it starts: run this one row (a label of peft.sweep) or
+    `pretrain` (the common starting model) in this process and write its result; set it to rerun one row."""
 
     @property
     def enabled(self) -> bool:
@@ -331,11 +343,9 @@ class PeftArgs:
                        "a subset of the IA3 targets")
         if self.sweep_pretrain_steps < 0:
             out.append(f"peft.sweep_pretrain_steps must be >= 0, got {self.sweep_pretrain_steps}")
-        for row in self.sweep:
-            try:
-                sweep_row(row)
-            except ValueError as err:
-                out.append(f"peft.sweep: {err}")
+        from scaling.sweep import grid_problems  # late: the sweep module imports this one
+
+        out += grid_problems(self)
         if self.quantize == "int8" and "dora" in (self.vision, self.encoder, self.decoder):
             out.append("peft.quantize=int8 with dora is refused: peft's DoRA on bitsandbytes 8-bit layers loses the "
                        "weight scales after a backward pass; use quantize=nf4 (QDoRA) or lora")
@@ -347,30 +357,6 @@ class PeftArgs:
                 out.append(f"peft.quantize={self.quantize} freezes the base weights, but {', '.join(full)} "
                            "is set to full; use lora/dora/ia3/freeze there (QLoRA + full is refused)")
         return out
-
-
-SWEEP_ALIASES = {"f": "freeze", "t": "full"}
-
-
-def sweep_row(label: str) -> dict[str, Any]:
-    """PeftArgs fields of one sweep row: 'F-LoRA-LoRA:8@nf4' -> vision=freeze, encoder=lora, decoder=lora, r=8, ..."""
-    policy, _, quantize = label.partition("@")
-    policy, _, rank = policy.partition(":")
-    parts = [SWEEP_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in policy.split("-")]
-    methods = typing.get_args(PeftMethod)
-    if len(parts) != 3 or any(p not in methods for p in parts):
-        raise ValueError(f"row {label!r} must read VISION-ENCODER-DECODER with each one of F, T, "
-                         f"{', '.join(methods)} (optionally ':RANK' and '@nf4' or '@int8'), e.g. F-LoRA-LoRA:4")
-    row: dict[str, Any] = dict(zip(("vision", "encoder", "decoder"), parts, strict=True))
-    if rank:
-        if not rank.isdigit() or int(rank) < 1:
-            raise ValueError(f"row {label!r}: the rank after ':' must be a positive integer")
-        row["r"] = int(rank)
-    if quantize:
-        if quantize not in ("nf4", "int8"):
-            raise ValueError(f"row {label!r}: quantisation after '@' must be nf4 or int8")
-        row["quantize"] = quantize
-    return row
 
 
 DecodingMode = Literal["generate", "constrained", "score"]

@@ -55,10 +55,13 @@ def suffix_matches(name: str, suffixes: list[str]) -> bool:
 def expected_trainable(base: nn.Module, component: str, method: str, args: PeftArgs) -> tuple[set[str], int]:
     """Names (as in the adapted model) and count of the intended trainable parameters, computed from the base."""
     modules = {n: m for n, m in base.named_modules() if component_of(n) == component}
-    if method == "full":  # tied weights (the shared token embedding) train when any of their owners is full
+    if method == "full":  # the shared token embedding trains with its owner
         owned = {id(p) for n, p in base.named_parameters(remove_duplicate=False) if component_of(n) == component}
         names = {n for n, p in base.named_parameters() if id(p) in owned}
-        return names, sum(p.numel() for n, p in base.named_parameters() if n in names)
+        count = sum(p.numel() for n, p in base.named_parameters() if n in names)
+        if component == "decoder":  # alone, unlike the frozen encoder: the decoder trains its own copy of it
+            names = names - {"model.encoder.embed_tokens.weight"} | {"model.decoder.embed_tokens.weight"}
+        return names, count
     if method in ("prefix", "ptv2"):
         layers, d, tokens = getattr(CONFIG, f"{component}_layers"), CONFIG.d_model, args.num_virtual_tokens
         if method == "prefix":
@@ -229,3 +232,62 @@ def test_targets_matching_nothing_in_the_component_are_refused():
         apply_peft(build_model(), PeftArgs(encoder="lora", encoder_modules=["query"]))
     with pytest.raises(ConfigError, match="already carries adapters"):
         apply_peft(apply_peft(build_model(), alone("decoder", "lora")), alone("decoder", "lora"))
+
+
+def test_dec_column_honoured_in_f_t_lora(tmp_path):
+    """F-T-LoRA: the decoder's embedding and output projection follow the decoder (frozen, adapted by LoRA only),
+    not the fully trained encoder they are tied to in OFA."""
+    base = build_model()
+    args = PeftArgs(vision="freeze", encoder="full", decoder="lora", r=4)
+    model = apply_peft(build_model(), args)
+    encoder_embedding = model.get_input_embeddings().weight
+    decoder_embedding = model.model.decoder.embed_tokens.weight
+    assert decoder_embedding is not encoder_embedding
+    assert model.get_output_embeddings().weight is decoder_embedding  # the decoder's own head stays tied to it
+    assert encoder_embedding.requires_grad and not decoder_embedding.requires_grad
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    encoder_names = {n for n, _ in base.named_parameters() if component_of(n) == "encoder"}
+    lora_names = {n for n in trainable if ".lora_" in n}
+    assert trainable == encoder_names | lora_names
+    assert lora_names and all(component_of(n.split(".lora_")[0]) == "decoder" for n in lora_names)
+    counts = count_trainable(model)
+    assert counts["decoder"]["trainable"] == 0 and counts["adapters"]["trainable"] == counts["adapters"]["total"]
+    vocab_by_d = encoder_embedding.numel()
+    assert counts["all"]["total"] == sum(p.numel() for p in base.parameters()) + vocab_by_d + counts["adapters"]["total"]
+
+    before = decoder_embedding.detach().clone(), encoder_embedding.detach().clone()
+    train_steps(model)
+    assert torch.equal(model.model.decoder.embed_tokens.weight, before[0])
+    assert not torch.equal(model.get_input_embeddings().weight, before[1])
+
+    batch = make_batch(5)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = load_adapter(build_model().eval(), tmp_path / "adapter")
+    assert reloaded.model.decoder.embed_tokens.weight is not reloaded.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, reference, rtol=0, atol=1e-6)
+        assert not torch.allclose(build_model().eval()(**batch).logits, reference)  # training moved the outputs
+    with pytest.raises(ValueError, match="untied"):
+        merge_adapters(model)
+
+
+@pytest.mark.parametrize("policy", [("freeze", "lora", "lora"), ("full", "full", "full"), ("lora", "freeze", "ia3")])
+def test_equal_encoder_and_decoder_policies_keep_one_shared_embedding(policy):
+    args = PeftArgs(**dict(zip(COMPONENTS, policy, strict=True)), r=4)
+    model = apply_peft(build_model(), args)
+    shared = model.get_input_embeddings().weight
+    assert model.model.decoder.embed_tokens.weight is shared and model.get_output_embeddings().weight is shared
+    assert shared.requires_grad == (policy[1] == "full")
+
+
+def test_ia3_targets_are_miles():
+    """MILE's IA3 (peft's BERT default: key, value, output.dense as feed-forward) per decoder layer: keys and values of
+    self- and cross-attention scaled on their output (4 d), both attention output projections (2 d) and fc2 (ffn)
+    on their input; per encoder layer 2 d + d + ffn. For BERT-base's decoder that is 12 x 7,680 = 92,160."""
+    d, ffn = CONFIG.d_model, CONFIG.decoder_ffn_dim
+    for component, per_layer in (("decoder", 6 * d + ffn), ("encoder", 3 * d + CONFIG.encoder_ffn_dim)):
+        counts = count_trainable(apply_peft(build_model(), alone(component, "ia3")))
+        assert counts["adapters"]["trainable"] == getattr(CONFIG, f"{component}_layers") * per_layer, component
