@@ -152,4 +152,9 @@ def settings_config(cfg: Config, settings: dict) -> Config:
         log.warning("%s: using the trained %s instead of the configured %s", settings["file"],
                     ", ".join(f"{k}={recorded[k]}" for k in differing),
                     ", ".join(f"data.{k}={v}" for k, v in differing.items()))
+    if (settings.get("instruction") is not None) != cfg.data.instruction:
+        log.warning("%s: the model was trained %s instruction prompts but data.instruction=%s; set "
+                    "data.instruction=%s to ask it as it was trained", settings["file"],
+                    "with" if settings.get("instruction") else "without", cfg.data.instruction,
+                    str(not cfg.data.instruction).lower())
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **recorded))

@@ -110,15 +110,17 @@ def test_prev_output_batches_follow_prompt_length_and_predictions_keep_dataset_o
     assert predicted == alone * 4
 
 
-def test_eval_collator_follows_the_exports_recorded_layout():
+def test_eval_collator_follows_the_exports_recorded_layout(caplog):
     tokenizer = train_bpe_tokenizer(["is there a lesion? yes no"] * 10, vocab_size=280, num_codes=0, num_bins=0)
     model_config = BiomedGPTConfig.from_preset("test", vocab_size=len(tokenizer))
     cfg = Config()
     cfg.data.prompt_type = "none"
     recorded = {"inference": {"recorded": True, "file": "export/inference.json", "prompt_type": "prev_output",
-                              "max_src_len": 40, "max_tgt_len": 12}}
+                              "max_src_len": 40, "max_tgt_len": 12, "instruction": {"with_options": "Q: {question}"}}}
     collator = eval_collator(tokenizer, cfg, model_config, None, recorded)
     assert (collator.prompt_type, collator.max_src_len, collator.max_tgt_len) == ("prev_output", 40, 12)
+    assert "instead of the configured data.prompt_type=none" in caplog.text
+    assert "trained with instruction prompts but data.instruction=False" in caplog.text
     unrecorded = eval_collator(tokenizer, cfg, model_config, None, {"inference": {"recorded": False}})
     assert unrecorded.prompt_type == "none" and cfg.data.prompt_type == "none"  # the config itself is untouched
 
