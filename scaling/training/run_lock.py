@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import IO
 
+from scaling.logging import get_logger
+
+log = get_logger(__name__)
+
 LOCK_FILE = ".run.lock"
 _held: dict[Path, IO] = {}  # the open lock files of this process: the lock lives as long as the file stays open
 
@@ -40,6 +44,11 @@ def lock_run_directory(run_dir: str | os.PathLike) -> str | None:
         handle.close()
         return (f"{run_dir} is in use by another live run ({describe_holder(holder)}); two runs would write the "
                 "same checkpoints and step log. Wait for it to end or stop it, or choose another train.output_dir")
+    except OSError as error:  # a file system without locks (e.g. Lustre mounted without -o flock)
+        handle.close()
+        log.warning("cannot lock %s (%s): a second run on this directory will not be refused", run_dir,
+                    error.strerror or error)
+        return None
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
