@@ -459,10 +459,10 @@ def _save_merged(model, directory: Path) -> None:
     merged.save_pretrained(directory, safe_serialization=True)
 
 
-def _finish_export(tokenizer, tmp: Path, out_dir: Path) -> None:
-    """Add the tokenizer and move the finished directory into place."""
+def _finish_export(tokenizer, tmp: Path, out_dir: Path, run_dir: Path | None = None) -> None:
+    """Add the tokenizer and the run's inference settings, and move the finished directory into place."""
     tokenizer.save_pretrained(tmp)
-    write_inference_settings(tmp, out_dir.parent)  # what `scaling infer` and evaluation need: the run's prompts
+    write_inference_settings(tmp, run_dir or out_dir.parent)  # what `scaling infer` and evaluation need
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     log.info("exported %s", out_dir)
@@ -512,7 +512,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike | N
             _save_merged(model, tmp)
     else:
         model.save_pretrained(tmp, safe_serialization=True)
-    _finish_export(load_tokenizer(run_dir / TOKENIZER_DIR), tmp, out)
+    _finish_export(load_tokenizer(run_dir / TOKENIZER_DIR), tmp, out, run_dir)
     return out
 
 

@@ -115,9 +115,10 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_selected_and_e
     verify_checkpoint(checkpoint_dir(tmp_path, 2))
 
     # `scaling export --merge` takes that checkpoint: adapter/ + a merged model with the adapted model's logits
-    out = tmp_path / "merged"
+    out = tmp_path.parent / f"{tmp_path.name}-merged"  # outside the run directory: the run's settings still travel
     run(PYTHON + ["-m", "scaling.cli", "export", str(tmp_path), "--merge", "--out", str(out)])
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "inference.json").read_text())["prompt_type"] == "prev_output"
     from scaling.adapters import apply_peft
     from scaling.config import load_config
     from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
