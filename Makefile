@@ -12,7 +12,7 @@ UNIT_AND_RECIPES := -m "not gpu and not slurm"
 export REQUIREMENT_NAMES := from scaling.environment import supported_requirements as r; \
 	print(*(x.name for x in r() if x.name != "torch"))
 
-.PHONY: setup setup-gpu run test test-fast test-latest lock slurm-deps lint
+.PHONY: setup setup-gpu run test test-fast test-latest lock system-deps lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,14 +31,16 @@ run: setup  ## the default job: instruction-tune the embedded model on synthetic
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		recipes/instruct.py
 
-slurm-deps:  ## Debian's slurm-wlm + munge for the launch/ tests (root only; the tests skip without them)
-	@if command -v slurmctld >/dev/null 2>&1; then echo "slurm present"; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
-		|| echo "slurm-wlm could not be installed; the slurm tests will skip"; \
-	else echo "not root or no apt-get; the slurm tests will skip"; fi
+system-deps:  ## Debian packages some tests need (root only; those tests skip without them): slurm-wlm + munge for the
+	@# launch/ tests, a Java runtime for the COCO caption tokeniser
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=""; command -v slurmctld >/dev/null 2>&1 || missing="slurm-wlm munge"; \
+		command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+		[ -z "$$missing" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+			>/dev/null) || echo "could not install $$missing; the tests that need them will skip"; \
+	else echo "not root or no apt-get; the slurm and COCO-tokeniser tests will skip"; fi
 
-test: setup slurm-deps  ## the whole suite except GPU tests and the heavy ones (pytest -m heavy runs those)
+test: setup system-deps  ## the whole suite except GPU tests and the heavy ones (pytest -m heavy runs those)
 	$(BIN)/python -m pytest -q -m "not gpu and not heavy"
 
 test-fast: setup  ## unit tests only
