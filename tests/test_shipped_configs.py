@@ -1,6 +1,7 @@
 """Every YAML the project ships: recipe configs load and validate under the launch their header documents, the
 Large/XLarge ones are sized by the memory planner, accelerate configs are well-formed launch files, and every
-documented launch runs on this CPU host as written (2 optimizer steps, a checkpoint, an export, the evaluation).
+documented launch runs as written (2 optimizer steps, a checkpoint, an export, the evaluation) on this CPU host, or
+on a CUDA host with one process per GPU (launch/gpu_check.sh).
 
 The launch check changes only what a CPU host cannot have: the model shrinks to the `test` preset at 32 px (the real
 preset's position table kept, so the sequence lengths stay the config's), no pretrained checkpoint, the embedded
@@ -23,6 +24,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from shipped_launches import ACCELERATE_CONFIGS, RECIPE_CONFIGS, ROOT, Launch, documented_launches, header
 
@@ -33,7 +35,8 @@ from scaling.training.memory_estimate import REDUCE_BUCKET_ELEMENTS, estimate_fo
 from scaling.training.tracking import read_metrics
 
 DISTRIBUTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"}
-CPU_PROCESSES = 2
+PROCESSES = torch.cuda.device_count() or 2
+"""Processes of a launch that starts several: one per GPU on a CUDA host (launch/gpu_check.sh), 2 on a CPU host."""
 STEPS = 2
 SHARES = re.compile(r"rank\s+(\d+)\s+holds\s+\d+\s+of\s+\d+\s+parameter\s+elements\s+\([\d.]+%,\s+ZeRO\s+stage\s+(\d)")
 SIZED = re.compile(r"micro-batch (\d+) x (\d+) accumulation x 8 GPUs = global batch (\d+),\s*(no|with) gradient "
@@ -201,12 +204,12 @@ def synthetic_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", launch_cases())
-def test_documented_launch_runs_on_cpu(case, synthetic_cache, tmp_path):
+def test_documented_launch_runs(case, synthetic_cache, tmp_path):
     _, _, launch = case
     cfg = launch_config(launch)
     cache, synthetic_vqa = synthetic_cache(cfg.train.seed)
     run_dir = tmp_path / "run"
-    command = launch.command(CPU_PROCESSES, random.randint(20000, 40000),
+    command = launch.command(PROCESSES, random.randint(20000, 40000),
                              cpu_overrides(cfg, run_dir, cache, synthetic_vqa))
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "200"}  # no personal accelerate default config
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -216,7 +219,7 @@ def test_documented_launch_runs_on_cpu(case, synthetic_cache, tmp_path):
         rows = json.loads((run_dir / "peft_sweep.json").read_text())
         assert [r["label"] for r in rows] == sweep_rows(cfg) and all(r["final_loss"] > 0 for r in rows), rows
         return
-    processes = CPU_PROCESSES if launch.multi_process else 1
+    processes = PROCESSES if launch.multi_process else 1
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
     shares = {int(rank): int(stage) for rank, stage in SHARES.findall(output)}
     assert shares == dict.fromkeys(range(processes), launch.zero_stage), output[-3000:]

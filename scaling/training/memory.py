@@ -1,8 +1,8 @@
-"""Peak memory of this process: CUDA max allocated on a CUDA device, else the peak resident set size.
+"""Memory of this process: CUDA allocated on a CUDA device, else the resident set size; now and at its peak.
 
     reset_peak_memory()
     train_step()
-    print(format_bytes(peak_memory()))
+    print(format_bytes(peak_memory()), format_bytes(current_memory()))
 
 Estimating the memory of a configuration before running it is scaling.training.memory_estimate.
 """
@@ -27,6 +27,14 @@ def peak_memory(device: torch.device | str | None = None) -> int:
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_memory(device: torch.device | str | None = None) -> int:
+    """Bytes in use now: CUDA allocated, or the resident set size on CPU."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return proc_status_kib("VmRSS") * 1024
 
 
 def reset_peak_memory(device: torch.device | str | None = None) -> None:

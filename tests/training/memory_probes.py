@@ -1,5 +1,5 @@
-"""Test-only memory probes: bytes in use now, a per-tensor peak on any device, and the model states of a DeepSpeed
-engine, which tests/training/test_memory.py compares with scaling.training.memory_estimate."""
+"""Test-only memory probes: a per-tensor peak on any device, and the model states of a DeepSpeed engine or a torch
+optimizer, which tests/training/test_memory.py compares with scaling.training.memory_estimate."""
 
 from __future__ import annotations
 
@@ -7,16 +7,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-from scaling.training.memory import default_device, proc_status_kib
-
-
-def current_memory(device: torch.device | str | None = None) -> int:
-    """Bytes in use now: CUDA allocated, or the resident set size on CPU."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return proc_status_kib("VmRSS") * 1024
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from memory_probes import TensorMemoryTracker, current_memory, torch_model_state_bytes, zero_model_state_bytes
+from memory_probes import TensorMemoryTracker, torch_model_state_bytes, zero_model_state_bytes
 
 from scaling.cli import main as cli_main
 from scaling.config import load_config
 from scaling.models.biomedgpt.configuration import BiomedGPTConfig
 from scaling.models.biomedgpt.modeling import BiomedGPTForConditionalGeneration
-from scaling.training.memory import peak_memory, reset_peak_memory
+from scaling.training.memory import current_memory, peak_memory, reset_peak_memory
 from scaling.training.memory_estimate import (
     ParameterCount,
     activation_bytes,
