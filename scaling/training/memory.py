@@ -62,9 +62,9 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def proc_status_kib(field: str) -> int:
-    """A `VmXXX:  N kB` line of /proc/self/status (0 where there is no procfs)."""
-    status = Path("/proc/self/status")
+def proc_status_kib(field: str, path: str | Path = "/proc/self/status") -> int:
+    """A `Field:  N kB` line of /proc/self/status (or /proc/meminfo); 0 where there is no procfs."""
+    status = Path(path)
     if not status.exists():
         return 0
     for line in status.read_text().splitlines():
