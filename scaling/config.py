@@ -309,8 +309,8 @@ class PeftArgs:
     optional `:RANK`, `@nf4`/`@int8`, `/instruction` or `/origin+instruction` (the training data) and `/seedN`
     (train.seed + N - 1), e.g. [T-T-T, F-LoRA-LoRA:4, T-T-T/instruction, T-T-LoRA:4/seed2]; empty: peft.grid."""
     sweep_repeat: list[str] = field(default_factory=list)
-    """Sweep only: rows run a second time with train.seed + 1, so the replication report can measure seed noise and
-    tell which differences between rows are real."""
+    """Sweep only: rows of the sweep run a second time with train.seed + 1, so the replication report can measure
+    seed noise and tell which differences between rows are real (names of rows the sweep lacks are left out)."""
     sweep_pretrain_steps: int = 0
     """Sweep only: full fine-tuning steps on the training sources other than VQA (all of them if VQA is the only
     task) before the rows, which then all start from that model and learn VQA (a stand-in for a pretrained

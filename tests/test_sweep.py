@@ -106,6 +106,8 @@ def test_row_config_applies_policy_data_seed_and_start(tmp_path):
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "peft.sweep_pretrain_steps=10", "train.max_steps=7",
                              "peft.grid=mile_table5", "peft.sweep_repeat=[T-T-T/origin+instruction]"])
     assert grid_labels(cfg.peft)[-1] == "T-T-T/origin+instruction/seed2"
+    assert grid_labels(load_config(None, ["peft.sweep=[T-T-T]", "peft.sweep_repeat=[T-T-T, F-T-LoRA:4]"]).peft) == \
+        ["T-T-T", "T-T-T/seed2"]  # only rows of the sweep are repeated
     lora = row_config(cfg, Row.parse("F-T-LoRA:4/seed2"))
     assert (lora.peft.vision, lora.peft.encoder, lora.peft.decoder, lora.peft.r) == ("freeze", "full", "lora", 4)
     assert (lora.train.seed, lora.train.save_every, lora.data.instruction) == (cfg.train.seed + 1, 8, False)

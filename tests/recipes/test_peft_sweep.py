@@ -79,7 +79,7 @@ def test_sweep_rows_run_as_their_own_two_process_zero2_launch_in_bf16(tmp_path):
            str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", "2", "--main_process_port",
            str(random.Random().randint(20000, 40000)), str(ROOT / "recipes" / "peft_sweep.py"), "--config",
            str(CONFIG), f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *TINY,
-           "train.mixed_precision=bf16", "peft.sweep=[T-T-T, F-LoRA-LoRA:4]"]
+           "train.mixed_precision=bf16", "peft.sweep=[T-T-T, F-LoRA-LoRA:4]", "peft.sweep_repeat=[]"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     rows = json.loads((out / "peft_sweep.json").read_text())
