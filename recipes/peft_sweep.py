@@ -47,7 +47,9 @@ from scaling.sweep import (
     pretrained_dir,
     row_config,
     row_dir,
+    row_threads,
     run_in_own_process,
+    run_rows,
     sweep_data,
     table_row,
     write_table,
@@ -103,21 +105,23 @@ def sweep(cfg: Config, config_path: str | None) -> int:
             log.error("pretraining failed; see %s", out_dir / PRETRAIN / "train.log")
             return 1
 
-    # 4. the rows, one process each; the table and the report are rewritten after each row
-    table, failed = [], []
-    for row in rows:
-        log.info("row %s", row.label)
+    # 4. the rows, each in its own process (peft.sweep_processes at a time); table and report rewritten after each
+    if accelerator.is_main_process:
+        for row in rows:  # a previous sweep's results must not stand in for this one's
+            (row_dir(out_dir, row) / ROW_RESULT).unlink(missing_ok=True)
+    results, failed = {}, []
+    for row, status in run_rows(accelerator, RECIPE, config_file, rows, cfg.peft.sweep_processes, row_threads(cfg)):
         result = row_dir(out_dir, row) / ROW_RESULT
-        if accelerator.is_main_process:
-            result.unlink(missing_ok=True)  # a previous sweep's result must not stand in for this one
-        if run_in_own_process(accelerator, RECIPE, config_file, row.label) == 0 and result.is_file():
-            table.append(json.loads(result.read_text()))
+        if status == 0 and result.is_file():
+            results[row.label] = json.loads(result.read_text())
+            log.info("row %s done: Global %.2f", row.label, results[row.label]["global"] or float("nan"))
         else:
             failed.append(row.label)
-            log.error("row %s failed; see %s", row.label, row_dir(out_dir, row) / "train.log")
+            log.error("row %s failed; see %s", row.label, row_dir(out_dir, row))
+        table = [results[r.label] for r in rows if r.label in results]
         if accelerator.is_main_process and table:
             paths, report = write_table(table, out_dir), write_replication(table, cfg, out_dir, failed)
-    if accelerator.is_main_process and table:
+    if accelerator.is_main_process and results:
         log.info("table: %s\n%s", paths["md"], paths["md"].read_text())
         log.info("replication report: %s", report["html"])
     accelerator.end_training()
@@ -135,6 +139,9 @@ def check_rows(cfg: Config, rows, config_path: str | None) -> None:
     problems = [f"{name}: {p}" for name, run_cfg in configs
                 for p in dataclasses.replace(run_cfg, model=cfg.model).problems(runtime)]
     problems += missing_paths(cfg.data.sources)
+    if cfg.peft.sweep_processes > 1 and runtime.num_processes > 1:
+        problems.append(f"peft.sweep_processes={cfg.peft.sweep_processes} runs rows side by side in a single-process "
+                        f"launch; under this {runtime.num_processes}-process launch every row uses all of them: set 1")
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index), config_path)
 

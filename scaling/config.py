@@ -315,6 +315,10 @@ class PeftArgs:
     """Sweep only: full fine-tuning steps on the training sources other than VQA (all of them if VQA is the only
     task) before the rows, which then all start from that model and learn VQA (a stand-in for a pretrained
     checkpoint, as MILE adapted a pretrained MISS); 0: model.checkpoint/preset."""
+    sweep_processes: int = 1
+    """Sweep only: rows trained at the same time, each in its own process with train.cpu_threads (else the cores
+    divided among them) threads; a row that starts from another's model waits for it. More than 1 only in a
+    single-process launch (on a CPU host, 2 single-threaded rows on 2 cores beat one row on both)."""
     sweep_row: str | None = None
     """Sweep only, set by the sweep for each process it starts: run this one row (a label of peft.sweep) or
     `pretrain` (the common starting model) in this process and write its result; set it to rerun one row."""
@@ -343,6 +347,8 @@ class PeftArgs:
                        "a subset of the IA3 targets")
         if self.sweep_pretrain_steps < 0:
             out.append(f"peft.sweep_pretrain_steps must be >= 0, got {self.sweep_pretrain_steps}")
+        if self.sweep_processes < 1:
+            out.append(f"peft.sweep_processes must be >= 1, got {self.sweep_processes}")
         from scaling.sweep import grid_problems  # late: the sweep module imports this one
 
         out += grid_problems(self)

@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,14 @@ def row_dir(out_dir: Path, row: Row) -> Path:
     return out_dir / "rows" / row.slug
 
 
+def row_threads(cfg: Config) -> int | None:
+    """Intra-op threads of each row process when peft.sweep_processes run at once: train.cpu_threads, else the cores
+    shared among them; None (the process decides) with one at a time."""
+    if cfg.peft.sweep_processes == 1:
+        return None
+    return cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // cfg.peft.sweep_processes)
+
+
 def shared_model_args(cfg: Config, out_dir: Path) -> dict:
     """model.tokenizer for every process of the sweep (the one it trained, unless the config names one)."""
     if cfg.model.tokenizer or cfg.model.checkpoint:
@@ -336,6 +345,53 @@ def sweep_data(cfg: Config, accelerator) -> SweepData:
     return SweepData(train_data, vqa, test, others)
 
 
+def run_rows(accelerator, recipe: Path, config_file: Path, rows: list[Row], processes: int = 1,
+             threads: int | None = None):
+    """Run each row in a fresh process, `processes` at a time, a row only after the row it starts from; yield
+    (row, exit status) as they finish (a row whose start row failed is not run and yields 1).
+
+    Several processes at a time (single-process launches only) run with `threads` intra-op threads each, and write
+    their console output to <row dir>/console.log.
+    """
+    if processes == 1:
+        for row in rows:
+            yield row, run_in_own_process(accelerator, recipe, config_file, row.label)
+        return
+    pending, running, finished = list(rows), {}, {}
+    while pending or running:
+        for row in list(pending):
+            start = row.start_row.label if row.start_row else None
+            if start is not None and start not in finished:
+                continue
+            if start is not None and finished[start]:
+                pending.remove(row)
+                finished[row.label] = 1
+                yield row, 1
+            elif len(running) < processes:
+                pending.remove(row)
+                running[row.label] = (row, start_row_process(recipe, config_file, row, threads))
+        time.sleep(0.5)
+        for label, (row, process) in list(running.items()):
+            if process.poll() is not None:
+                del running[label]
+                finished[label] = process.returncode
+                yield row, process.returncode
+
+
+def start_row_process(recipe: Path, config_file: Path, row: Row, threads: int | None) -> subprocess.Popen:
+    """The row's process in the background, its console output in <row dir>/console.log."""
+    log_file = row_dir(config_file.parent, row) / "console.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    extra = [f"train.cpu_threads={threads}"] if threads else []
+    with log_file.open("w") as out:
+        return subprocess.Popen(row_command(recipe, config_file, row.label) + extra, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def row_command(recipe: Path, config_file: Path, sweep_row: str) -> list[str]:
+    return [sys.executable, str(recipe), "--config", str(config_file), f"peft.sweep_row={sweep_row}"]
+
+
 def run_in_own_process(accelerator, recipe: Path, config_file: Path, sweep_row: str) -> int:
     """Run `recipe --config config_file peft.sweep_row=...` in a fresh process on every rank; the exit status, non-zero
     when the process failed on any rank (sync point).
@@ -352,8 +408,7 @@ def run_in_own_process(accelerator, recipe: Path, config_file: Path, sweep_row: 
         broadcast_object_list(port)
         env["MASTER_PORT"] = str(port[0])
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the new group hosts its own store on the new port
-    command = [sys.executable, str(recipe), "--config", str(config_file), f"peft.sweep_row={sweep_row}"]
-    status = subprocess.run(command, env=env).returncode
+    status = subprocess.run(row_command(recipe, config_file, sweep_row), env=env).returncode
     statuses = accelerator.gather(torch.tensor([status], device=accelerator.device))
     return int(statuses.abs().max())
 

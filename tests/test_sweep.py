@@ -1,6 +1,7 @@
 """The MILE study as data: grids against MILE's published tables, row labels and configs, both metric definitions on a
 hand-made prediction set, and the replication report's verdicts."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from scaling.sweep import (
     markdown_table,
     published,
     row_config,
+    run_rows,
     table_row,
 )
 
@@ -209,3 +211,37 @@ def test_replication_report_is_written_with_miles_numbers_beside_ours(tmp_path):
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 2 and 'class="reproduced"' in page
     assert Path(paths["json"]).is_file()
+
+
+FAKE_ROW = """
+import json, sys, time
+from pathlib import Path
+label = next(a for a in sys.argv if a.startswith("peft.sweep_row=")).split("=", 1)[1]
+assert "train.cpu_threads=1" in sys.argv
+log = Path(sys.argv[2]).parent / "log.jsonl"
+with log.open("a") as f:
+    f.write(json.dumps({"label": label, "event": "start", "t": time.time()}) + "\\n")
+time.sleep(0.6)
+with log.open("a") as f:
+    f.write(json.dumps({"label": label, "event": "end", "t": time.time()}) + "\\n")
+sys.exit(3 if label == "T-T-T" else 0)
+"""
+
+
+def test_rows_side_by_side_wait_for_their_start_row_and_skip_it_when_it_failed(tmp_path):
+    """run_rows with 2 processes on a stand-in recipe that logs its start and end and fails for T-T-T."""
+    recipe, config_file = tmp_path / "fake_row.py", tmp_path / "config.yaml"
+    recipe.write_text(FAKE_ROW)
+    config_file.write_text("")
+    rows = [Row.parse(label) for label in ("T-T-T", "F-T-LoRA:4", "T-T-IA3", "T-T-T/origin+instruction")]
+    finished = list(run_rows(None, recipe, config_file, rows, processes=2, threads=1))
+    assert dict((row.label, status) for row, status in finished) == {
+        "T-T-T": 3, "F-T-LoRA:4": 0, "T-T-IA3": 0, "T-T-T/origin+instruction": 1}
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "T-T-T/origin+instruction" not in {e["label"] for e in events}  # its start row failed: never run
+    running, most = 0, 0
+    for event in sorted(events, key=lambda e: (e["t"], e["event"] == "start")):
+        running += 1 if event["event"] == "start" else -1
+        most = max(most, running)
+    assert most == 2
+    assert (tmp_path / "rows" / "T-T-IA3" / "console.log").is_file()

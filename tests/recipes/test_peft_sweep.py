@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "biomedgpt" / "peft_sweep_synthetic.yaml"
@@ -38,12 +39,13 @@ def test_sweep_runs_each_row_in_its_own_process_and_writes_the_report(tmp_path):
     assert full["params_pct"] == pytest.approx(100.0) and 0.0 < lora["params_pct"] < 100.0
     assert (tuned["data"], repeat["seed"]) == ("origin+instruction", full["seed"] + 1)
 
-    # each row ran in a process of its own: its memory figure does not depend on what ran before it. The check:
-    # F-T-LoRA:4 run again alone, in a fresh process after nothing, measures what it measured after global fine-tuning.
+    # each row ran in a process of its own (two at a time here): its memory figure does not depend on what ran before
+    # or beside it. The check: F-T-LoRA:4 run again alone, in a fresh process, measures what it measured in the sweep.
     assert len({r["pid"] for r in rows}) == len(rows)
+    threads = yaml.safe_load((out / "rows" / "F-T-LoRA_r4" / "config.yaml").read_text())["train"]["cpu_threads"]
     again = subprocess.run([sys.executable, str(ROOT / "recipes" / "peft_sweep.py"), "--config",
-                            str(out / "config.yaml"), "peft.sweep_row=F-T-LoRA:4"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+                            str(out / "config.yaml"), "peft.sweep_row=F-T-LoRA:4", f"train.cpu_threads={threads}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     alone = json.loads((out / "rows" / "F-T-LoRA_r4" / "row.json").read_text())
     assert alone["pid"] != lora["pid"] and alone["global"] == lora["global"]
@@ -53,6 +55,7 @@ def test_sweep_runs_each_row_in_its_own_process_and_writes_the_report(tmp_path):
     assert str(out / "rows" / "T-T-T" / "model") in (out / "rows" / "T-T-T_origin_then_instruction" /
                                                      "config.yaml").read_text()
     assert (out / "pretrain" / "model" / "config.json").is_file()
+    assert (out / "rows" / "T-T-T" / "console.log").is_file()  # rows side by side keep their output apart
     assert (out / "rows" / "T-T-T" / "model" / "model.safetensors").is_file()
     assert (out / "rows" / "F-T-LoRA_r4" / "model" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -79,7 +82,8 @@ def test_sweep_rows_run_as_their_own_two_process_zero2_launch_in_bf16(tmp_path):
            str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", "2", "--main_process_port",
            str(random.Random().randint(20000, 40000)), str(ROOT / "recipes" / "peft_sweep.py"), "--config",
            str(CONFIG), f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *TINY,
-           "train.mixed_precision=bf16", "peft.sweep=[T-T-T, F-LoRA-LoRA:4]", "peft.sweep_repeat=[]"]
+           "train.mixed_precision=bf16", "peft.sweep=[T-T-T, F-LoRA-LoRA:4]", "peft.sweep_repeat=[]",
+           "peft.sweep_processes=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     rows = json.loads((out / "peft_sweep.json").read_text())
