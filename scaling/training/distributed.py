@@ -61,8 +61,26 @@ def build_accelerator(cfg: Config) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
+        keep_freed_memory()
         log.info("CPU: %d intra-op threads per process", torch.get_num_threads())
     return accelerator
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc: serve large tensors from the heap and keep what is freed for the next step.
+
+    By default every activation above malloc's mmap threshold (at most 32 MiB) is mapped afresh and page-faulted in
+    at every step: at BiomedGPT-Base 384 px that was 1.3 s of system time in an 11 s step on one CPU thread; with
+    this, none, and 10 % shorter steps (peak RSS +3 %). A no-op where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (AttributeError, OSError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # malloc.h
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_top_pad, 64 << 20)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -1,0 +1,32 @@
+"""keep_freed_memory (called by build_accelerator on CPU hosts): a large tensor freed and allocated again reuses the
+process's memory instead of mapping and page-faulting fresh pages. Each case runs in its own interpreter, since the
+setting is process-wide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PAGES_OF_64_MIB = (64 << 20) // 4096
+
+PROBE = """
+import resource, sys, torch
+from scaling.training.distributed import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # allocated, touched, freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults_of_a_second_allocation(mode: str) -> int:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+def test_a_freed_large_tensor_is_reused_without_new_page_faults():
+    assert page_faults_of_a_second_allocation("default") >= PAGES_OF_64_MIB  # glibc maps it afresh by default
+    assert page_faults_of_a_second_allocation("keep") < PAGES_OF_64_MIB // 10
