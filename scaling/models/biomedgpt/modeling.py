@@ -170,6 +170,11 @@ def in_matmul_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def cross_keys_cached(cache: Cache | None) -> bool:
+    """Whether the cache already holds the cross-attention keys and values (decoding steps after the first)."""
+    return isinstance(cache, EncoderDecoderCache) and bool(cache.is_updated.get(0))
+
+
 def match_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Broadcast a batch-1 tensor or repeat a per-sample one for beam-expanded batches (B -> B * k)."""
     if tensor.shape[0] == batch_size:
@@ -691,7 +696,9 @@ class BiomedGPTDecoder(nn.Module):
         )
         code_buckets = None if code_masks is None else self.code_buckets(past, past + length, x.device)
         prefixes = layer_prefixes(prefix_key_values, "decoder", len(self.layers))
-        encoder_hidden_states = in_matmul_dtype(encoder_outputs.last_hidden_state)  # feeds every layer's k and v
+        encoder_hidden_states = encoder_outputs.last_hidden_state
+        if not cross_keys_cached(cache):  # cast once for every layer's k and v projection
+            encoder_hidden_states = in_matmul_dtype(encoder_hidden_states)
         hidden_states = (x,) if output_hidden_states else None
         attentions = cross_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
