@@ -200,6 +200,7 @@ def test_a_second_run_on_the_directory_of_a_live_run_is_refused_naming_the_holde
     second = run(PYTHON + recipe_args(tmp_path, cache, "train.resume=auto"), expect=2)
     assert says(second.stderr, f"{tmp_path} is in use by another live run (pid {holder} on host"), second.stderr
     assert "Traceback" not in second.stderr
+    wait_for_step(tmp_path, 3, first)  # the refused run left the live one training
     kill_every_rank(first, ranks=1)
     steps_before = logged_steps(tmp_path)
     # the lock dies with its holder: the next run starts (and SIGKILL left no lock behind)
