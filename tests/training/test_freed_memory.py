@@ -4,6 +4,7 @@ setting is process-wide."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,8 +22,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults_of_a_second_allocation(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+def page_faults_of_a_second_allocation(mode: str, env: dict | None = None) -> int:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
 
@@ -30,3 +32,8 @@ def page_faults_of_a_second_allocation(mode: str) -> int:
 def test_a_freed_large_tensor_is_reused_without_new_page_faults():
     assert page_faults_of_a_second_allocation("default") >= PAGES_OF_64_MIB  # glibc maps it afresh by default
     assert page_faults_of_a_second_allocation("keep") < PAGES_OF_64_MIB // 10
+
+
+def test_the_users_own_malloc_tuning_wins():
+    # mapping every tensor of 1 MiB or more is what the memory measurements of the scale tests ask for
+    assert page_faults_of_a_second_allocation("keep", {"MALLOC_MMAP_THRESHOLD_": str(2**20)}) >= PAGES_OF_64_MIB
