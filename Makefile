@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/cpu.lock
 LATEST := .venv-latest
 TORCH ?= $(shell grep -m1 '^torch==' $(LOCK))
-UNIT_AND_RECIPES := -m "not gpu and not slurm"
+UNIT_AND_RECIPES := -m "not gpu and not slurm and not heavy"
 export REQUIREMENT_NAMES := from scaling.environment import supported_requirements as r; \
 	print(*(x.name for x in r() if x.name != "torch"))
 
