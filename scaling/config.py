@@ -139,6 +139,9 @@ class DataArgs:
     """Number of images the embedded synthetic generator draws (train + held-out)."""
     synthetic_tasks: list[str] = field(default_factory=list)
     """Tasks of the embedded synthetic data to train on when data.sources is empty (empty: all six)."""
+    synthetic_seed: int | None = None
+    """Seed that draws the embedded synthetic data (None: train.seed). Runs that compare seeds of training on the same
+    data (a PEFT sweep's /seedN repeats) fix it."""
     instruction: bool = False
     """Wrap samples in instruction templates (MILE-style closed/open templates with options)."""
     temperature: float = 1.0

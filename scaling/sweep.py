@@ -302,6 +302,8 @@ def pretrain_config(cfg: Config) -> Config:
 def row_config(cfg: Config, row: Row) -> Config:
     """The config of `row`'s own process: its policy, data format, seed and directory; no step checkpoints; it starts
     from the pretrained model (or, for origin+instruction, from the global fine-tuning row's model)."""
+    from scaling.data.loading import synthetic_seed
+
     out_dir = Path(cfg.train.output_dir)
     model = dataclasses.replace(cfg.model, **shared_model_args(cfg, out_dir))
     if row.start_row:
@@ -312,7 +314,8 @@ def row_config(cfg: Config, row: Row) -> Config:
     steps = cfg.train.max_steps
     train = dataclasses.replace(cfg.train, output_dir=str(row_dir(out_dir, row)), seed=cfg.train.seed + row.seed - 1,
                                 save_every=steps + 1)
-    data = dataclasses.replace(cfg.data, instruction=row.data != "origin")
+    # a /seedN repeat trains on the same data: its difference from the first seed is the training noise alone
+    data = dataclasses.replace(cfg.data, instruction=row.data != "origin", synthetic_seed=synthetic_seed(cfg))
     return dataclasses.replace(cfg, model=model, data=data, train=train, peft=peft)
 
 

@@ -113,6 +113,7 @@ def test_row_config_applies_policy_data_seed_and_start(tmp_path):
     lora = row_config(cfg, Row.parse("F-T-LoRA:4/seed2"))
     assert (lora.peft.vision, lora.peft.encoder, lora.peft.decoder, lora.peft.r) == ("freeze", "full", "lora", 4)
     assert (lora.train.seed, lora.train.save_every, lora.data.instruction) == (cfg.train.seed + 1, 8, False)
+    assert lora.data.synthetic_seed == cfg.train.seed  # the repeat trains and is scored on the first seed's data
     assert lora.model.checkpoint == str(tmp_path / "pretrain" / "model")
     assert lora.model.tokenizer == str(tmp_path / "tokenizer")
     assert lora.train.output_dir == str(tmp_path / "rows" / "F-T-LoRA_r4_seed2")

@@ -47,10 +47,15 @@ def training_sources(cfg: Config, accelerator) -> list[SourceArgs]:
 
     out_dir = Path(cfg.data.cache_dir) / "synthetic"
     with accelerator.main_process_first():  # rank 0 writes the files, the others then find them cached
-        data = generate_synthetic(out_dir, cfg.data.synthetic_images, seed=cfg.train.seed)
+        data = generate_synthetic(out_dir, cfg.data.synthetic_images, seed=synthetic_seed(cfg))
     tasks = cfg.data.synthetic_tasks or list(data.sources)
     return [SourceArgs(name=s.loader, path=str(s.path), split="train", options=dict(s.options),
                        label=f"synthetic/{task}") for task, s in data.sources.items() if task in tasks]
+
+
+def synthetic_seed(cfg: Config) -> int:
+    """The seed of the embedded synthetic data: data.synthetic_seed, else train.seed."""
+    return cfg.train.seed if cfg.data.synthetic_seed is None else cfg.data.synthetic_seed
 
 
 def evaluation_sources(cfg: Config, training: list[SourceArgs]) -> list[SourceArgs]:
