@@ -35,7 +35,8 @@ else
     [[ $GPUS -ge 1 ]] || { echo "no GPU found (nvidia-smi -L); DRY_RUN=1 runs the steps on this CPU" >&2; exit 3; }
     LAUNCH_FILTER="test_documented_launch_runs"
     BENCH=("--preset base --batch 32 --image-size 384 --src-len 128 --tgt-len 32"
-           "--preset large --batch 16 --image-size 480 --src-len 128 --tgt-len 32")
+           "--preset large --batch 16 --image-size 480 --src-len 128 --tgt-len 32"
+           "--preset tiny --batch 20 --image-size 256 --src-len 64 --tgt-len 16")  # a MILE sweep row's step
     MEMORY_CONFIGS=(base_finetune large_finetune)
     SHRINK=()
     ADAM_PARAMETERS=200000000
