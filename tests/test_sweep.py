@@ -185,6 +185,9 @@ def test_findings_follow_the_measured_noise():
     assert seed_noise(noisy)["points"] == pytest.approx(35.0)
     assert verdicts(noisy) == {"a": NOT_REPRODUCED, "b": REPRODUCED, "c": NOT_REPRODUCED, "d": NOT_REPRODUCED,
                                "e": NOT_REPRODUCED}
+    # nor are effects above the noise but within twice it
+    thin = [result(r["label"], 81.5) if r["label"] == "T-T-T/origin+instruction" else r for r in table]
+    assert seed_noise(thin)["margin"] == pytest.approx(2.0) and verdicts(thin)["e"] == NOT_REPRODUCED
     # reversed effects are not reproductions either (PEFT above global fine-tuning still "matches" it)
     reversed_ = [result(r["label"], 100 - r["global"], r["params_pct"]) for r in table]
     assert verdicts(reversed_) == {**dict.fromkeys("acde", NOT_REPRODUCED), "b": REPRODUCED}
