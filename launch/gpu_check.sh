@@ -7,7 +7,8 @@
 # 1. launch check: every launch a config header documents, on CUDA (bf16, ZeRO-2/3, offload), one process per GPU:
 #    tests/test_shipped_configs.py -k test_documented_launch_runs, heavy launches included
 # 2. QLoRA: NF4 base linears on bitsandbytes' CUDA kernels with LoRA adapters, under ZeRO-2 (recipes/finetune.py)
-# 3. benchmark: recipes/benchmark.py for base and large at their configs' resolution (step time, MFU)
+# 3. benchmark: recipes/benchmark.py for base and large at their configs' resolution (step time, MFU), and a MILE
+#    sweep row's step (tiny, 256 px, batch 20)
 # 4. memory: base_finetune.yaml and large_finetune.yaml as shipped (ZeRO-2, their micro-batch and shapes) through
 #    tests/recipes/measure_memory.py; each GPU's max_memory_allocated beside `scaling estimate-memory`'s figure
 # 5. offload's optimizer step on this host's CPU: torch's fused AdamW against DeepSpeedCPUAdam (one flat partition)
