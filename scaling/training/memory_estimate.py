@@ -12,7 +12,8 @@ train, N GPUs and mixed precision, one GPU holds:
     ZeRO-1/2   16-bit weights 2Ψ; 16-bit gradients 2T (ZeRO-2: 2T/N) and, inside the optimizer step, their fp32
                copy 4T/N; fp32 master weights and Adam m, v 12T/N
     ZeRO-3     all of that divided by N, plus the largest layer gathered in 16 bits with its 16-bit gradient
-               (4 bytes per parameter of the biggest module, the token embedding)
+               (4 bytes per parameter of the biggest module, the token embedding); beyond DeepSpeed's estimators,
+               the other layers' 16-bit weights that stay gathered from forward to backward (MAX_LIVE_PARAMETERS)
     offload    optimizer states and the fp32 gradient copy live in host memory (ZeRO-3: the 16-bit weights too)
     no ZeRO    DDP or one device under autocast: fp32 weights 4Ψ, fp32 gradients 4T, Adam m, v 8T, and the 16-bit
                weight copies autocast keeps for backward 2Ψ
@@ -45,6 +46,11 @@ DEVICES = ("cuda", "cpu")
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory an estimate may fill; the rest goes to the CUDA context and allocator fragmentation,
 which the estimate does not model."""
+
+MAX_LIVE_PARAMETERS = 1_000_000_000
+"""`stage3_max_live_parameters` and `stage3_max_reuse_distance` of accelerate_configs/deepspeed/zero3*.json: ZeRO-3
+keeps a gathered layer's weights until its backward when that comes within this many parameters, up to this many per
+GPU, so at the turn from forward to backward every preset up to xlarge is gathered whole."""
 
 REDUCE_BUCKET_ELEMENTS = 500_000_000
 """`reduce_bucket_size` of accelerate_configs/deepspeed/zero1.json and zero2.json (LLaMA-Factory's 5e8): ZeRO-1/2
@@ -104,6 +110,9 @@ class MemoryEstimate:
     optimizer_states: int
     gathered: int
     """ZeRO-3: the largest layer gathered with its gradient; no ZeRO under autocast: the 16-bit weight copies."""
+    live_parameters: int
+    """ZeRO-3: the other gathered weights kept live between forward and backward (MAX_LIVE_PARAMETERS); beyond
+    DeepSpeed's estimators, which count the largest layer only."""
     ema_weights: int
     buffers: int
     """DeepSpeed's gradient reduce bucket."""
@@ -125,7 +134,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.ema_weights + self.buffers + self.activations
+        return self.model_states + self.live_parameters + self.ema_weights + self.buffers + self.activations
 
     def fits(self, gpu_memory: int) -> bool:
         """Whether the estimate stays within the usable share of a GPU of `gpu_memory` bytes."""
@@ -251,6 +260,15 @@ def model_state_bytes(
             states["parameters"] = states["gradients"] = 0
     states["ema_weights"] = 4 * trainable if ema else 0
     return {**{k: int(round(v)) for k, v in states.items()}, "cpu_offloaded": int(round(offloaded))}
+
+
+def live_parameter_bytes(params: ParameterCount, precision: str, zero_stage: int) -> int:
+    """ZeRO-3's gathered weights beyond the largest layer, live from their forward to their backward use."""
+    if zero_stage != 3:
+        return 0
+    weight_bytes = 2 if precision != "fp32" else 4
+    live = min(params.total - params.quantized, MAX_LIVE_PARAMETERS)
+    return weight_bytes * max(live - params.largest_layer, 0)
 
 
 def buffer_bytes(zero_stage: int, hidden_size: int, precision: str = "bf16") -> int:
@@ -390,7 +408,8 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing, ema=ema, device=device,
         total_params=params.total, trainable_params=params.trainable,
         parameters=states["parameters"], gradients=states["gradients"], optimizer_states=states["optimizer_states"],
-        gathered=states["gathered"], ema_weights=states["ema_weights"],
+        gathered=states["gathered"], live_parameters=live_parameter_bytes(params, precision, zero_stage),
+        ema_weights=states["ema_weights"],
         buffers=buffer_bytes(zero_stage, config.d_model, precision),
         activations_full=activation_bytes(*shape, gradient_checkpointing=False, device=device)["total"],
         activations_checkpointed=activation_bytes(*shape, gradient_checkpointing=True, device=device)["total"],
@@ -475,6 +494,7 @@ def estimate_table(est: MemoryEstimate, gpu_memory: int | None = None):
         ("gradients", est.gradients, trainable + "; the step's fp32 copy included"),
         ("optimizer states", est.optimizer_states, "fp32 master weights + Adam m, v"),
         ("gathered weights", est.gathered, "ZeRO-3: largest layer + its gradient; no ZeRO: autocast's 16-bit copies"),
+        ("live weights", est.live_parameters, "ZeRO-3: the rest of the gathered model, kept for its backward"),
         ("EMA weights", est.ema_weights, "fp32 average of the trainable weights"),
         ("reduce bucket", est.buffers, "DeepSpeed's gradient bucket"),
     ]

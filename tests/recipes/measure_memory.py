@@ -3,8 +3,9 @@
     accelerate launch ... tests/recipes/measure_memory.py recipes/finetune.py --config ... key=value ...
 
 Every process writes <train.output_dir>/memory_rank<r>.json: `before_model` (bytes in use when the model is about to
-be built: the runtime, the data, the tokenizer), `training_peak` (the peak up to the end of the training loop) and
-`run_peak` (the peak through the final checkpoint and the export). Bytes are CUDA allocated on a GPU, the resident set
+be built: the runtime, the data, the tokenizer), `setup_peak` (the peak while the model is built and sharded: every
+rank builds it whole before ZeRO partitions it), `training_peak` (the peak of the training loop alone) and `run_peak`
+(the peak through the final checkpoint and the export). Bytes are CUDA allocated on a GPU, the resident set
 size on a CPU (scaling.training.memory).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import scaling.training.loop as loop
 import scaling.training.run as run
-from scaling.training.memory import current_memory, peak_memory
+from scaling.training.memory import current_memory, peak_memory, reset_peak_memory
 
 MEASURED: dict[str, int] = {}
 
@@ -30,6 +31,8 @@ def measure_memory() -> None:
         return build(cfg, accelerator, train_data)
 
     def train_and_measure(cfg, accelerator, prepared, stream, start_step):
+        MEASURED["setup_peak"] = peak_memory(accelerator.device)
+        reset_peak_memory(accelerator.device)
         step = train(cfg, accelerator, prepared, stream, start_step)
         MEASURED["training_peak"] = peak_memory(accelerator.device)
         return step

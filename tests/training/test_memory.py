@@ -127,7 +127,11 @@ def test_parameter_counts_match_the_real_model_and_the_ofa_sizes():
 def test_estimate_checkpointing_saves_memory_and_fit_lists_only_fitting_configurations():
     est = estimate_memory("large", 3, 8, "cpu", "lora", "bf16", 8, 480, 128, 32)
     assert est.activations_checkpointed < est.activations_full
-    assert est.total == est.model_states + est.buffers + est.activations_full
+    assert est.total == est.model_states + est.live_parameters + est.buffers + est.activations_full
+    # ZeRO-3 keeps the rest of the model gathered from forward to backward (the shipped JSONs' 1e9 live parameters)
+    params = count_parameters("large", "lora")
+    assert est.live_parameters == 2 * (params.total - params.largest_layer)
+    assert estimate_memory("large", 2, 8).live_parameters == 0
     assert not estimate_memory("xlarge", 0, 1, batch=64, image_size=480).fits(parse_size("80GB"))
     found = fit("24GB", "base", gpus=2, image_size=384, batches=(1, 8, 64), peft_methods=("none", "lora"))
     assert found and all(e.fits(parse_size("24GB")) for e in found)
