@@ -80,7 +80,8 @@ def memory_report(run_dir, cfg, stage: int, offload: str) -> list[dict]:
               f"{format_bytes(measured['training_peak'])} - {format_bytes(measured['before_model'])} before the model; "
               f"{format_bytes(measured['run_peak'])} with the export; set-up peak "
               f"{format_bytes(rows[-1]['setup'])}), planned {format_bytes(planned_bytes)} "
-              f"(model states {format_bytes(planned.model_states)}, offloaded {format_bytes(planned.cpu_offloaded)}, "
+              f"(model states {format_bytes(planned.model_states)}, live weights "
+              f"{format_bytes(planned.live_parameters)}, offloaded {format_bytes(planned.cpu_offloaded)}, "
               f"EMA {format_bytes(planned.ema_weights)}, bucket {format_bytes(planned.buffers)}, activations "
               f"{format_bytes(planned.activations)}): {used / planned_bytes:.2f}")
     (run_dir / "memory_vs_planner.json").write_text(json.dumps(rows, indent=1))
