@@ -219,8 +219,8 @@ def model_state_bytes(
     params: ParameterCount, precision: str = "bf16", zero_stage: int = 0, gpus: int = 1, offload: str = "none",
     ema: bool = False,
 ) -> dict[str, int]:
-    """Per-GPU bytes of weights, gradients, optimizer states, gathered layers and EMA, and the bytes offloaded to
-    the host, as DeepSpeed allocates them at each ZeRO stage (the module docstring has the table)."""
+    """Per-GPU bytes of weights, gradients, optimizer states, gathered and live layers and EMA, and the bytes offloaded
+    to the host, as DeepSpeed allocates them at each ZeRO stage (the module docstring has the table)."""
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("zero_stage", zero_stage, ZERO_STAGES)
     _check_choice("offload", offload, OFFLOAD_TARGETS)
@@ -236,7 +236,7 @@ def model_state_bytes(
     trainable, n = params.trainable, gpus
     if zero_stage == 0:  # accelerate autocast: fp32 weights and gradients, 16-bit copies made for the forward
         states = {"parameters": 4 * dense, "gradients": 4 * trainable, "optimizer_states": 8 * trainable,
-                  "gathered": 2 * dense if mixed else 0}
+                  "gathered": 2 * dense if mixed else 0, "live_parameters": 0}
     else:
         weight_bytes = 2 if mixed else 4
         states = {
@@ -245,6 +245,9 @@ def model_state_bytes(
             "gradients": weight_bytes * trainable / (n if zero_stage >= 2 else 1) + (4 * trainable / n if mixed else 0),
             "optimizer_states": (12 if mixed else 8) * trainable / n,  # fp32 master weights (mixed) + Adam m, v
             "gathered": 2 * weight_bytes * params.largest_layer if zero_stage == 3 else 0,
+            # ZeRO-3: the other layers' weights, live from their forward to their backward use
+            "live_parameters": weight_bytes * max(min(dense, MAX_LIVE_PARAMETERS) - params.largest_layer, 0)
+            if zero_stage == 3 else 0,
         }
     states["parameters"] += params.quantized_bytes / (n if zero_stage == 3 else 1)
     offloaded = 0.0
@@ -260,15 +263,6 @@ def model_state_bytes(
             states["parameters"] = states["gradients"] = 0
     states["ema_weights"] = 4 * trainable if ema else 0
     return {**{k: int(round(v)) for k, v in states.items()}, "cpu_offloaded": int(round(offloaded))}
-
-
-def live_parameter_bytes(params: ParameterCount, precision: str, zero_stage: int) -> int:
-    """ZeRO-3's gathered weights beyond the largest layer, live from their forward to their backward use."""
-    if zero_stage != 3:
-        return 0
-    weight_bytes = 2 if precision != "fp32" else 4
-    live = min(params.total - params.quantized, MAX_LIVE_PARAMETERS)
-    return weight_bytes * max(live - params.largest_layer, 0)
 
 
 def buffer_bytes(zero_stage: int, hidden_size: int, precision: str = "bf16") -> int:
@@ -408,7 +402,7 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing, ema=ema, device=device,
         total_params=params.total, trainable_params=params.trainable,
         parameters=states["parameters"], gradients=states["gradients"], optimizer_states=states["optimizer_states"],
-        gathered=states["gathered"], live_parameters=live_parameter_bytes(params, precision, zero_stage),
+        gathered=states["gathered"], live_parameters=states["live_parameters"],
         ema_weights=states["ema_weights"],
         buffers=buffer_bytes(zero_stage, config.d_model, precision),
         activations_full=activation_bytes(*shape, gradient_checkpointing=False, device=device)["total"],
