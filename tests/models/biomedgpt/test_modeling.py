@@ -9,7 +9,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache
 
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from scaling.models.biomedgpt.modeling import BiomedGPTAttention, image_relative_buckets, token_relative_buckets
+from scaling.models.biomedgpt.modeling import (
+    BiomedGPTAttention,
+    dropout,
+    image_relative_buckets,
+    token_relative_buckets,
+)
 from scaling.models.biomedgpt.resnet import drop_path
 
 PAD, BOS, EOS = 1, 0, 2
@@ -429,6 +434,27 @@ def test_drop_path_drops_whole_samples_and_rises_over_depth():
     config = BiomedGPTConfig.from_preset("test", encoder_layers=3, encoder_drop_path_rate=0.2)
     layers = BiomedGPTForConditionalGeneration(config).model.encoder.layers
     assert [getattr(layer.drop_path, "rate", 0.0) for layer in layers] == pytest.approx([0.0, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_at_rate_p_scales_the_rest_and_follows_the_seed(dtype):
+    x = torch.ones(3, 1001, 67, dtype=dtype, requires_grad=True)  # an odd element count: a partly used random word
+    torch.manual_seed(0)
+    out = dropout(x, 0.1, training=True)
+    kept = out != 0
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out[kept].unique().tolist() == [torch.tensor(1 / 0.9, dtype=dtype).item()]
+    # 201,201 draws: the drop rate within 5 standard deviations of 0.1 (rounded to 6554 / 65536)
+    rate, sd = 1 - kept.float().mean().item(), math.sqrt(0.1 * 0.9 / x.numel())
+    assert abs(rate - 6554 / 65536) < 5 * sd
+    by_chunk = kept.flatten()[: x.numel() // 4 * 4].view(-1, 4).float().mean(0)  # each 16-bit chunk of a word
+    assert (by_chunk - 0.9).abs().max() < 5 * math.sqrt(0.1 * 0.9 / (x.numel() // 4))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # gradient = mask * 1 / (1 - p)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, training=True), out)
+    assert not torch.equal(dropout(x, 0.1, training=True), out)
+    assert torch.equal(dropout(x, 0.1, training=False), x) and torch.equal(dropout(x, 0.0, training=True), x)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(batch):
