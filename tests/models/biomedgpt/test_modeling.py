@@ -259,8 +259,8 @@ def test_attention_kernel_choice_on_cpu():
 
     assert pays(attention, 608, 608, grad=False)  # an encoder at inference: the flash kernel wins
     assert not pays(attention, 608, 608, grad=True)  # training: SDPA would take its math path
-    assert not pays(attention, 1, 608, grad=False)  # a decoding step
-    assert not pays(attention, 256, 256, grad=False)
+    assert pays(attention, 1, 608, grad=False)  # a decoding step
+    assert pays(attention, 256, 256, grad=False)
     assert not pays(eager, 608, 608, grad=False)
     with torch.no_grad():
         assert pays(attention, 608, 608, grad=True)  # no gradient is recorded under no_grad
