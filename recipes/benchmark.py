@@ -22,7 +22,7 @@ What is measured (`--out`/benchmark.json, benchmark.md):
   * bare step: the same batches through a plain forward/backward/AdamW loop (autocast, fused AdamW as in the
     toolkit): the toolkit overhead is the ratio of the two step times;
   * MFU: FLOPs per step / step time / the dense matmul throughput of the same dtype measured on the same device in
-    the same run;
+    the same run (the best of 1-second windows taken before each turn of the step timings);
   * data loader: the recipes' BatchStream (mixture, image decode + augment in `--workers` threads, tokenize, pad)
     over synthetic records, in samples/s, against what one training step consumes;
   * generation: greedy decoding of `--new-tokens` tokens with and without the KV cache, and a batch of
@@ -140,53 +140,55 @@ def main(argv: list[str] | None = None) -> dict:
     results.update({"device": device_name(accelerator.device), "processes": accelerator.num_processes,
                     "distributed": str(accelerator.distributed_type), "threads": torch.get_num_threads()})
 
-    # 3. dense matmul peak of the same dtype on the same device (this run's ceiling for MFU)
-    log.info("benchmark %s: measuring the %s matmul peak", results["shape"], args.precision)
-    results["matmul_peak_flops"] = matmul_peak(DTYPES[args.precision], accelerator.device)
-
-    # 4. the toolkit's loop (one prepare() for the launch topology, as the recipes do) and the bare loop on the same
-    #    batches, taking turns to share the noise
-    log.info("timing %d x %d steps of the toolkit and the bare loop", args.repeats, args.steps)
+    # 3. the toolkit's loop (one prepare() for the launch topology, as the recipes do) and the bare loop on the same
+    #    batches, taking turns to share the noise; before each turn, the dense matmul peak of the same dtype on the
+    #    same device (the best of these windows is this run's ceiling for MFU)
+    log.info("benchmark %s: timing %d x %d steps of the toolkit and the bare loop, and the %s matmul peak",
+             results["shape"], args.repeats, args.steps, args.precision)
     reset_peak_memory(accelerator.device)
     bare = BareLoop(copy.deepcopy(model).to(accelerator.device), batches, args.precision, accelerator.device)
     loops = {"toolkit": ToolkitLoop(cfg, accelerator, prepare_for_training(accelerator, model, cfg), batches),
              "bare": bare}
     for loop in loops.values():
         loop.run(args.warmup)
-    results["step_times_s"] = alternating(loops, args.steps, args.repeats)
+    peaks = []
+    results["step_times_s"] = alternating(
+        loops, args.steps, args.repeats,
+        before_each=lambda: peaks.append(matmul_peak(DTYPES[args.precision], accelerator.device, seconds=1.0)))
+    results["matmul_peaks_flops"], results["matmul_peak_flops"] = peaks, max(peaks)
     results["peak_memory_bytes"] = peak_memory(accelerator.device)
     results.update(step_metrics(results, min(results["step_times_s"]["toolkit"]), min(results["step_times_s"]["bare"])))
     del loops, bare
 
-    # 5. data loader alone: the recipes' batch stream over synthetic records (images: none for a text-only shape)
+    # 4. data loader alone: the recipes' batch stream over synthetic records (images: none for a text-only shape)
     if "loader" not in args.skip and shape.image_size:
         log.info("timing the data loader")
         results.update(loader_throughput(shape, args.workers, args.loader_batches, results["samples_per_s"]))
 
-    # 6. generation: KV cache on/off, batched vs one by one; beam search and constrained decoding
+    # 5. generation: KV cache on/off, batched vs one by one; beam search and constrained decoding
     generating = accelerator.unwrap_model(model)
     if "generation" not in args.skip:
         log.info("timing generation")
         results.update(generation_throughput(generating, batches[0], args.precision, args.gen_batch, args.new_tokens,
-                                             accelerator.device))
+                                             accelerator.device, repeats=2))
     if "search" not in args.skip:
         log.info("timing beam search and constrained decoding")
         results.update(search_throughput(generating, batches[0], args.precision, args.gen_batch, args.new_tokens,
                                          args.beams, accelerator.device))
 
-    # 7. the text-only path against transformers' BART of the same dimensions
+    # 6. the text-only path against transformers' BART of the same dimensions
     if "bart" not in args.skip:
         log.info("timing the text-only path against BART")
         results.update(against_bart(config, args.text_shape, args.precision, accelerator.device, args.steps,
                                     args.repeats, args.new_tokens))
 
-    # 8. torch.compile against eager
+    # 7. torch.compile against eager
     if args.compile:
         log.info("timing torch.compile against eager (compiling first)")
         results.update(compiled_vs_eager(copy.deepcopy(generating), batches, args.precision, accelerator.device,
                                          args.steps, args.repeats))
 
-    # 9. report
+    # 8. report
     if accelerator.is_main_process:
         write_report(results, out_dir)
     accelerator.wait_for_everyone()

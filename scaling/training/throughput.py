@@ -119,7 +119,7 @@ def synthetic_batches(config, shape: BatchShape, device: torch.device, count: in
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
     """Dense square-matmul FLOP/s of `dtype` on `device` (the best of a few timed runs)."""
-    size = 8192 if device.type == "cuda" else 1024
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: kernel selection, AMX/tensor-core initialisation
@@ -246,10 +246,13 @@ class BareLoop:
         return time.perf_counter() - start
 
 
-def alternating(loops: dict, steps: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per step of each loop, `repeats` times, the loops taking turns (they share the machine's noise)."""
+def alternating(loops: dict, steps: int, repeats: int, before_each=None) -> dict[str, list[float]]:
+    """Seconds per step of each loop, `repeats` times, the loops taking turns (they share the machine's noise);
+    `before_each()` runs before every turn of the loops."""
     times = {name: [] for name in loops}
     for _ in range(repeats):
+        if before_each is not None:
+            before_each()
         for name, loop in loops.items():
             times[name].append(loop.run(steps) / steps)
     return times
@@ -374,10 +377,11 @@ def rows(inputs: dict, index: int) -> dict:
 
 
 def generation_throughput(model, batch: dict, precision: str, prompts: int, new_tokens: int,
-                          device: torch.device) -> dict:
+                          device: torch.device, repeats: int = 2) -> dict:
     """Greedy decoding of `new_tokens` tokens for `prompts` prompts: with and without the KV cache, and together vs
     one by one. The encoder, which runs once per prompt either way, is timed apart, so the figures are given for
-    whole generate() calls (encoder + decoding) and for decoding alone."""
+    whole generate() calls (encoder + decoding) and for decoding alone. Each figure is the fastest of `repeats`
+    rounds, every round timing all of them in turn (so they share the machine's noise)."""
     model.eval()
     inputs = prompt_inputs(model.config, batch, prompts, device)
     encoder = model.get_encoder()
@@ -391,26 +395,30 @@ def generation_throughput(model, batch: dict, precision: str, prompts: int, new_
         return timed_generate(model, {"encoder_outputs": type(encoder_outputs)(**encoder_outputs)}, precision, device,
                               **settings, **extra)
 
+    def one_round() -> dict[str, float]:
+        batch_encoded, encoder_s = encoded(inputs)
+        seconds = {"encoder": encoder_s, "cached": decode(batch_encoded, use_cache=True),
+                   "uncached": decode(batch_encoded, use_cache=False), "one_encoder": 0.0, "one_decode": 0.0}
+        for i in range(prompts):
+            sample_encoded, sample_encoder_s = encoded(rows(inputs, i))
+            seconds["one_encoder"] += sample_encoder_s
+            seconds["one_decode"] += decode(sample_encoded, use_cache=True)
+        return seconds
+
     timed_generate(model, rows(inputs, 0), precision, device, **settings)  # warm-up
-    batch_encoded, encoder_s = encoded(inputs)
-    cached = decode(batch_encoded, use_cache=True)
-    uncached = decode(batch_encoded, use_cache=False)
-    one_encoder_s = one_decode_s = 0.0
-    for i in range(prompts):
-        sample_encoded, seconds = encoded(rows(inputs, i))
-        one_encoder_s += seconds
-        one_decode_s += decode(sample_encoded, use_cache=True)
-    tokens = prompts * new_tokens
+    rounds = [one_round() for _ in range(repeats)]
+    s = {key: min(r[key] for r in rounds) for key in rounds[0]}
     model.train()
     return {
-        "generation_tokens_per_s": tokens / (encoder_s + cached),
-        "generation_encoder_share": encoder_s / (encoder_s + cached),
-        "kv_cache_speedup": (encoder_s + uncached) / (encoder_s + cached),
-        "kv_cache_decode_speedup": uncached / cached,
-        "batched_generation_speedup": (one_encoder_s + one_decode_s) / (encoder_s + cached),
+        "generation_tokens_per_s": prompts * new_tokens / (s["encoder"] + s["cached"]),
+        "generation_encoder_share": s["encoder"] / (s["encoder"] + s["cached"]),
+        "kv_cache_speedup": (s["encoder"] + s["uncached"]) / (s["encoder"] + s["cached"]),
+        "kv_cache_decode_speedup": s["uncached"] / s["cached"],
+        "batched_generation_speedup": (s["one_encoder"] + s["one_decode"]) / (s["encoder"] + s["cached"]),
         # the most batching could give if the batched decoding took no time: the encoder's work grows with the batch
-        "batched_generation_bound": (one_encoder_s + one_decode_s) / encoder_s,
-        "batched_decode_speedup": one_decode_s / cached,
+        "batched_generation_bound": (s["one_encoder"] + s["one_decode"]) / s["encoder"],
+        "batched_decode_speedup": s["one_decode"] / s["cached"],
+        "generation_times_s": rounds,
     }
 
 
