@@ -252,7 +252,7 @@ class BiomedGPTAttention(nn.Module):
         attn_bias = attn_bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
         weights = None
-        if output_attentions or not self.fused_kernel_pays(q, k, attn_bias):
+        if output_attentions or not self.fused_kernel_pays(q, attn_bias):
             # A bf16/fp16 softmax accumulates in float32 and rounds once, like OFA's float softmax cast back.
             weights = F.softmax(torch.matmul(q * self.scaling, k.transpose(-1, -2)) + attn_bias, dim=-1)  # (B,H,T,S)
             out = dropout(weights, p, self.training) @ v
@@ -263,7 +263,7 @@ class BiomedGPTAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, T, hd) -> (B, T, d)
         return self.out_proj(out), weights
 
-    def fused_kernel_pays(self, q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor) -> bool:
+    def fused_kernel_pays(self, q: torch.Tensor, attn_bias: torch.Tensor) -> bool:
         """Whether SDPA's fused kernel beats the explicit matmul-softmax-matmul here (always on accelerators)."""
         if self.config._attn_implementation == "eager":
             return False

@@ -222,7 +222,7 @@ def test_fused_kernel_equals_explicit_attention_in_outputs_and_gradients(batch, 
     results = {}
     for kernel in ("fused", "explicit"):
         model = build_model()
-        monkeypatch.setattr(BiomedGPTAttention, "fused_kernel_pays", lambda self, q, k, bias, kernel=kernel: kernel == "fused")
+        monkeypatch.setattr(BiomedGPTAttention, "fused_kernel_pays", lambda self, q, bias, kernel=kernel: kernel == "fused")
         calls = []
         monkeypatch.setattr(F, "scaled_dot_product_attention", counted(F.scaled_dot_product_attention, calls))
         out = model(**batch, labels=labels)
@@ -255,7 +255,7 @@ def test_attention_kernel_choice_on_cpu():
 
     def pays(module, queries: int, keys: int, grad: bool) -> bool:
         q = torch.zeros(1, 4, queries, 16, requires_grad=grad)
-        return module.fused_kernel_pays(q, torch.zeros(1, 4, keys, 16), torch.zeros(1, 4, queries, keys))
+        return module.fused_kernel_pays(q, torch.zeros(1, 4, queries, keys))
 
     assert pays(attention, 608, 608, grad=False)  # an encoder at inference: the flash kernel wins
     assert not pays(attention, 608, 608, grad=True)  # training: SDPA would take its math path
