@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = []
     results["step_times_s"] = alternating(
         loops, args.steps, args.repeats,
-        before_each=lambda: peaks.append(matmul_peak(DTYPES[args.precision], accelerator.device, seconds=1.0)))
+        before_each=lambda: peaks.append(matmul_peak(DTYPES[args.precision], accelerator.device)))
     results["matmul_peaks_flops"], results["matmul_peak_flops"] = peaks, max(peaks)
     results["peak_memory_bytes"] = peak_memory(accelerator.device)
     results.update(step_metrics(results, min(results["step_times_s"]["toolkit"]), min(results["step_times_s"]["bare"])))
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "generation" not in args.skip:
         log.info("timing generation")
         results.update(generation_throughput(generating, batches[0], args.precision, args.gen_batch, args.new_tokens,
-                                             accelerator.device, repeats=2))
+                                             accelerator.device))
     if "search" not in args.skip:
         log.info("timing beam search and constrained decoding")
         results.update(search_throughput(generating, batches[0], args.precision, args.gen_batch, args.new_tokens,

@@ -117,7 +117,7 @@ def synthetic_batches(config, shape: BatchShape, device: torch.device, count: in
 # FLOPs and the matmul ceiling
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
     """Dense square-matmul FLOP/s of `dtype` on `device` (the best of a few timed runs)."""
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)

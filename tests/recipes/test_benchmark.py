@@ -54,8 +54,8 @@ def test_benchmark_runs_every_section_on_the_test_preset_with_bart_side_by_side(
 
     markdown = (tmp_path / "benchmark.md").read_text()
     for row in ("FLOPs by part", "toolkit overhead", "MFU (of measured matmul peak)", "data loader / step consumption",
-                "KV cache speedup: generate() / decoding alone", "batched vs one-by-one", "batched vs one-by-one generate() if batched decoding took no time",
-                "beam search (2 beams)",
+                "KV cache speedup: generate() / decoding alone", "batched vs one-by-one",
+                "batched vs one-by-one generate() if batched decoding took no time", "beam search (2 beams)",
                 "constrained to 500 answers", "text-only training step vs BART", "cached greedy generation vs BART",
                 "peak memory"):
         assert f"| {row}" in markdown
