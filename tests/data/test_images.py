@@ -1,4 +1,5 @@
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,13 @@ def test_train_augmentation_is_seeded_and_keeps_shape(make_image, tmp_path: Path
     first, second = (ImageTransform(24, train=True, seed=3)(ref) for _ in range(2))
     assert first.shape == (3, 24, 24) and torch.equal(first, second)
     assert not torch.equal(first, ImageTransform(24)(ref))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_grayscale_is_transformed_as_one_channel_with_the_pixels_of_rgb(train: bool):
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56), dtype=np.uint8))
+    transform = ImageTransform(24, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=train)
+    one_channel, rgb = (transform(image, random.Random(5)) for image in (gray, gray.convert("RGB")))
+    assert one_channel.shape == (3, 24, 24) and one_channel.is_contiguous()
+    assert torch.equal(one_channel, rgb)
+    assert not torch.equal(one_channel[0], one_channel[1])  # each channel normalised with its own mean and std
