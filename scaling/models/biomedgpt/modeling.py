@@ -212,6 +212,29 @@ def match_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     return tensor.repeat_interleave(batch_size // tensor.shape[0], dim=0)
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) states at the (B, K) positions `rows` -> (B, K, d)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def take_bias_rows(bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(1 or B, H, T, S) attention bias, the query rows `rows` (B, K) of it -> (B, H, K, S)."""
+    bias = bias.expand(rows.shape[0], *bias.shape[1:])
+    return bias.gather(2, rows[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[-1]))
+
+
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor | None:
+    """(B, K) positions of each row's labelled tokens in order, padded with unlabelled ones (K = the most labels of
+    any row); None when every position is labelled, or on the meta device, where the count cannot be read."""
+    if labels.device.type == "meta":
+        return None
+    labelled = labels != -100
+    k = int(labelled.sum(1).max())
+    if k == labels.shape[1]:
+        return None
+    return labelled.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
 class BiomedGPTAttention(nn.Module):
     """Multi-head attention with an additive logit bias, OFA scaling, `c_attn` head scaling and optional prefix."""
 
@@ -365,11 +388,22 @@ class BiomedGPTDecoderLayer(BiomedGPTBlock):
         cache=None,
         prefix=None,
         output_attentions=False,
+        rows=None,
     ):
-        """(B, T, d) -> (B, T, d), self- and cross-attention weights or None."""
+        """(B, T, d) -> (B, T, d), self- and cross-attention weights or None.
+
+        `rows` (B, K): only these positions' outputs are wanted (B, K, d); their queries attend to the keys and
+        values of every position, and nothing else is computed for the others (the last layer in training).
+        """
+        normed = self.self_attn_layer_norm(hidden_states)
+        queries, key_states = normed, None
+        if rows is not None:
+            hidden_states, queries, key_states = take_rows(hidden_states, rows), take_rows(normed, rows), normed
+            self_bias, cross_bias = take_bias_rows(self_bias, rows), take_bias_rows(cross_bias, rows)
         h, self_weights = self.self_attn(
-            self.self_attn_layer_norm(hidden_states),
+            queries,
             self_bias,
+            key_value_states=key_states,
             cache=cache,
             prefix=prefix,
             output_attentions=output_attentions,
@@ -686,8 +720,13 @@ class BiomedGPTDecoder(nn.Module):
         code_masks: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        output_rows: torch.Tensor | None = None,
     ) -> BiomedGPTDecoderOutput:
-        """Decode the new tokens (B, T) given `cache` of the earlier ones."""
+        """Decode the new tokens (B, T) given `cache` of the earlier ones.
+
+        `output_rows` (B, K): the positions whose final states are wanted (training: the labelled ones); the last
+        layer computes only those, and its states, weights and the output are (B, K, ...).
+        """
         x = self.embed(input_ids, inputs_embeds, code_masks)
         length = x.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
@@ -726,6 +765,7 @@ class BiomedGPTDecoder(nn.Module):
             encoder_hidden_states = in_matmul_dtype(encoder_hidden_states)
         hidden_states = (x,) if output_hidden_states else None
         attentions = cross_attentions = () if output_attentions else None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             bias = self_bias + self.relative_bias(i, buckets, code_buckets, code_masks).to(self_bias.dtype)
             x, self_weights, cross_weights = layer(
@@ -736,6 +776,7 @@ class BiomedGPTDecoder(nn.Module):
                 cache=cache,
                 prefix=prefixes[i],
                 output_attentions=output_attentions,
+                rows=output_rows if i == last else None,
             )
             if output_hidden_states:
                 hidden_states += (x,)
@@ -818,8 +859,10 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
         code_masks=None,
         output_attentions=None,
         output_hidden_states=None,
+        decoder_output_rows=None,
     ) -> Seq2SeqModelOutput:
-        """Encode (unless `encoder_outputs` is given) and decode; returns decoder hidden states."""
+        """Encode (unless `encoder_outputs` is given) and decode; returns decoder hidden states (at
+        `decoder_output_rows` (B, K) only, when given)."""
         output_attentions = bool(output_attentions)
         output_hidden_states = bool(output_hidden_states)
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
@@ -849,6 +892,7 @@ class BiomedGPTModel(BiomedGPTPreTrainedModel):
             code_masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_rows=decoder_output_rows,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -933,14 +977,18 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
     ) -> Seq2SeqLMOutput | tuple:
         """Logits over the vocabulary for every decoder position; loss when `labels` (-100 = ignore) are given.
 
-        `return_logits=False` (training) projects only the supervised positions and returns the loss without logits:
-        with the prompt in the decoder (prompt_type=prev_output) most positions carry no label, and the vocabulary
-        projection of every position would dominate the step.
+        `return_logits=False` (training) returns the loss without logits and computes the last decoder layer and the
+        vocabulary projection for the labelled positions only: with the prompt in the decoder (prompt_type=
+        prev_output) most positions carry no label. The last layer's states and weights then cover those rows.
         """
+        rows = None
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+            if not return_logits:
+                rows = labelled_rows(labels)
+                labels = labels if rows is None else labels.gather(1, rows.to(labels.device))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -957,6 +1005,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
             code_masks=code_masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            decoder_output_rows=rows,
         )
         hidden, logits, loss = outputs.last_hidden_state, None, None
         labels = labels.to(hidden.device) if labels is not None else None

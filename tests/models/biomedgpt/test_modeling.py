@@ -284,21 +284,33 @@ def test_loss_ignores_minus_100_applies_label_smoothing_and_starts_decoder_with_
 
 
 
-def test_loss_without_logits_projects_only_labelled_positions_with_the_same_loss_and_gradients(batch):
+@pytest.mark.parametrize("variant", ["plain", "gradient_checkpointing", "decoder_prefix"])
+def test_loss_without_logits_runs_the_last_decoder_layer_on_labelled_rows_with_the_same_loss_and_gradients(
+        batch, variant: str):
     """prompt_type=prev_output: the prompt fills the decoder, only the answer is labelled."""
     labels = torch.tensor([[-100, -100, 41, EOS], [-100, 51, EOS, -100], [-100, -100, -100, EOS]])
     decoder_input_ids = torch.tensor([[BOS, 11, 12, 41], [BOS, 21, 51, PAD], [BOS, 31, 32, 33]])
-    losses, grads = [], []
+    losses, grads, rows = [], [], []
     for return_logits in (True, False):
         model = build_model(label_smoothing=0.1).train()
-        out = model(**batch, decoder_input_ids=decoder_input_ids, labels=labels, return_logits=return_logits)
+        extra = {}
+        if variant == "gradient_checkpointing":
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        if variant == "decoder_prefix":
+            extra["prefix_key_values"] = random_prefix(model.config, length=2)
+        seen = {"first": set(), "last": set()}  # the positions each layer's feed-forward ran on
+        for name, layer in (("first", model.get_decoder().layers[0]), ("last", model.get_decoder().layers[-1])):
+            layer.fc1.register_forward_hook(lambda m, args, out, ran=seen[name]: ran.add(args[0].shape[1]))
+        out = model(**batch, decoder_input_ids=decoder_input_ids, labels=labels, return_logits=return_logits,
+                    **extra)
         assert (out.logits is None) == (not return_logits)
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        rows.append(seen)
+    assert rows == [{"first": {4}, "last": {4}}, {"first": {4}, "last": {2}}]  # at most 2 labels in a row
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
-
 
 
 def test_decoder_longer_than_its_positions_is_refused_with_the_fix(model, batch):
