@@ -115,3 +115,17 @@ def test_grayscale_is_transformed_as_one_channel_with_the_pixels_of_rgb(train: b
     assert one_channel.shape == (3, 24, 24) and one_channel.is_contiguous()
     assert torch.equal(one_channel, rgb)
     assert not torch.equal(one_channel[0], one_channel[1])  # each channel normalised with its own mean and std
+
+
+def test_decoded_images_are_kept_within_the_byte_budget(make_image, tmp_path: Path):
+    first, second = (ImageRef(make_image(tmp_path / f"{n}.png", size=(20, 10))) for n in ("a", "b"))
+    shown = {ref: ImageTransform(16)(ref) for ref in (first, second)}
+    one_image = 20 * 10 * 3
+    transform = ImageTransform(16, cache_bytes=one_image)
+    assert torch.equal(transform(first), shown[first])
+    Image.new("RGB", (20, 10), (0, 0, 0)).save(first.path)  # a changed file shows whether it is read again
+    assert torch.equal(transform(first), shown[first])  # kept: not decoded again
+    assert torch.equal(transform(second), shown[second])  # over budget: the first is dropped
+    black = transform(first)
+    assert not torch.equal(black, shown[first]) and torch.equal(black, torch.full_like(black, -1.0))
+    assert transform.decoded.bytes == one_image
