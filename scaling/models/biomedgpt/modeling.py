@@ -225,12 +225,12 @@ def take_bias_rows(bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor | None:
     """(B, K) positions of each row's labelled tokens in order, padded with unlabelled ones (K = the most labels of
-    any row); None when every position is labelled, or on the meta device, where the count cannot be read."""
+    any row); None when every position or none is labelled, or on the meta device, where the count cannot be read."""
     if labels.device.type == "meta":
         return None
     labelled = labels != -100
     k = int(labelled.sum(1).max())
-    if k == labels.shape[1]:
+    if k in (0, labels.shape[1]):
         return None
     return labelled.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :k]
 

@@ -313,6 +313,13 @@ def test_loss_without_logits_runs_the_last_decoder_layer_on_labelled_rows_with_t
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+def test_loss_without_logits_of_a_batch_without_labels_is_nan_not_an_error(batch):
+    """The training loop counts and skips a non-finite loss; a batch whose answers were all cut must reach it."""
+    model = build_model().train()
+    out = model(**batch, decoder_input_ids=DECODER_INPUT, labels=torch.full((3, 6), -100), return_logits=False)
+    assert out.loss.isnan()
+
+
 def test_decoder_longer_than_its_positions_is_refused_with_the_fix(model, batch):
     too_long = torch.full((3, model.config.max_positions + 3), 41)
     with pytest.raises(ValueError, match="lower data.max_src_len"):
