@@ -9,6 +9,9 @@ Faults (each process of a launch applies them to itself):
                            start, that poisons the first COUNT attempts at optimizer step FIRST.
   kill_during_save=STEP    the process SIGKILLs itself when it is about to mark step STEP's checkpoint complete:
                            `scaling.training.checkpoint.write_manifest` is wrapped (it runs on the main process).
+  step_seconds=S           every micro-batch's loss takes S seconds longer (`scaling.training.loop.loss_step` is
+                           wrapped), so a test that stops the run after step N is sure to land before the run ends,
+                           however fast the host.
   skip_batches=N           the batch stream hands out N micro-batches that are never trained on before training
                            starts: `scaling.training.loop.train` is wrapped (the reference for a window that the
                            non-finite guard throws away).
@@ -21,6 +24,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 import scaling.training.checkpoint as checkpoint
 import scaling.training.loop as loop
@@ -47,6 +51,16 @@ def kill_during_save(at_step: int) -> None:
     checkpoint.write_manifest = write_manifest
 
 
+def slow_steps(seconds: float) -> None:
+    real = loop.loss_step
+
+    def loss_step(model, batch):
+        time.sleep(seconds)
+        return real(model, batch)
+
+    loop.loss_step = loss_step
+
+
 def skip_batches(count: int) -> None:
     real = loop.train
 
@@ -60,6 +74,7 @@ def skip_batches(count: int) -> None:
 
 FAULTS = {"nonfinite": lambda spec: poison_losses(*map(int, spec.split(":"))),
           "kill_during_save": lambda spec: kill_during_save(int(spec)),
+          "step_seconds": lambda spec: slow_steps(float(spec)),
           "skip_batches": lambda spec: skip_batches(int(spec))}
 
 

@@ -116,7 +116,8 @@ def test_zero2_sigkill_of_every_rank_at_a_random_step_then_resume_matches_the_un
         tmp_path, cache, zero2_reference):
     kill_at = random.Random().randint(2, STEPS - 1)
     print(f"killing at step {kill_at}")
-    proc = start(launch_args("zero2.yaml", 2, free_port()) + recipe_args(tmp_path, cache, *SHORT),
+    slow = injected("step_seconds=0.5")  # the kill must land before the run ends, however fast the host
+    proc = start(launch_args("zero2.yaml", 2, free_port()) + slow + recipe_args(tmp_path, cache, *SHORT),
                  log=tmp_path / "first.log")
     wait_for_step(tmp_path, kill_at, proc)
     kill_every_rank(proc, ranks=2)  # launcher and both workers: nothing is left to finish the run

@@ -48,6 +48,7 @@ from scaling.training.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 8  # test_finetune.yaml: max_steps 8, save_every 2, keep_last 2
+SLOW = "step_seconds=0.5"  # a run stopped after step N must not finish first on a fast host
 PYTHON = [sys.executable]
 
 
@@ -90,7 +91,7 @@ def test_run_writes_every_artifact_and_the_loss_falls(reference):
 def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_path, cache, reference):
     kill_at = random.Random().randint(2, STEPS - 1)
     print(f"killing at step {kill_at}")
-    proc = start(PYTHON + recipe_args(tmp_path, cache), log=tmp_path / "first.log")
+    proc = start(PYTHON + injected(SLOW) + recipe_args(tmp_path, cache), log=tmp_path / "first.log")
     wait_for_step(tmp_path, kill_at, proc)
     kill_every_rank(proc, ranks=1)
     assert max(logged_steps(tmp_path)) < STEPS and not (tmp_path / "export").exists()  # really interrupted
@@ -134,7 +135,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_selected_and_e
 
 
 def test_sigterm_writes_a_final_checkpoint_and_the_same_seed_gives_the_same_curve(tmp_path, cache, reference):
-    proc = start(PYTHON + recipe_args(tmp_path, cache, "train.save_every=100"), log=tmp_path / "run.log")
+    proc = start(PYTHON + injected(SLOW) + recipe_args(tmp_path, cache, "train.save_every=100"),
+                 log=tmp_path / "run.log")
     wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()[-3000:]
