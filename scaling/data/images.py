@@ -1,4 +1,5 @@
-"""Image decoding (any PIL format, 16-bit, CMYK, DICOM) to 8-bit grayscale or RGB, and the tensor transform, with PIL and numpy only."""
+"""Image decoding (any PIL format, 16-bit, CMYK, DICOM) to 8-bit grayscale or RGB, and the tensor transform, with PIL
+and numpy only."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def _is_dicom(ref: ImageRef, data: bytes) -> bool:
 
 
 def _load_dicom(data: bytes, name: str) -> Image.Image:
-    """A DICOM slice to 8-bit grayscale (RGB for colour data): modality rescale, the stored display window if any, MONOCHROME1 inverted."""
+    """A DICOM slice to 8-bit grayscale (RGB for colour data): modality rescale, the stored display window if any,
+    MONOCHROME1 inverted."""
     try:
         import pydicom
     except ImportError:
@@ -157,9 +159,10 @@ class DecodedImages:
                 return image
         image = decode_image(ref, max_pixels)  # outside the lock: threads decode in parallel
         with self.lock:
-            if ref not in self.images and _nbytes(image) <= self.max_bytes:
+            size = _nbytes(image)
+            if ref not in self.images and size <= self.max_bytes:
                 self.images[ref] = image
-                self.bytes += _nbytes(image)
+                self.bytes += size
                 while self.bytes > self.max_bytes:
                     self.bytes -= _nbytes(self.images.popitem(last=False)[1])
         return image

@@ -398,7 +398,8 @@ class BiomedGPTDecoderLayer(BiomedGPTBlock):
         normed = self.self_attn_layer_norm(hidden_states)
         queries, key_states = normed, None
         if rows is not None:
-            hidden_states, queries, key_states = take_rows(hidden_states, rows), take_rows(normed, rows), normed
+            hidden_states, queries = take_rows(hidden_states, rows), take_rows(normed, rows)
+            key_states = in_matmul_dtype(normed)  # every position, cast once for the key and the value projection
             self_bias, cross_bias = take_bias_rows(self_bias, rows), take_bias_rows(cross_bias, rows)
         h, self_weights = self.self_attn(
             queries,
@@ -988,7 +989,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
             if not return_logits:
                 rows = labelled_rows(labels)
-                labels = labels if rows is None else labels.gather(1, rows.to(labels.device))
+                labels = labels if rows is None else labels.gather(1, rows)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
