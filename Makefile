@@ -7,6 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := requirements/cpu.lock
 LATEST := .venv-latest
+INSTALLED := $(VENV)/.installed
 TORCH ?= $(shell grep -m1 '^torch==' $(LOCK))
 UNIT_AND_RECIPES := -m "not gpu and not slurm and not heavy"
 export REQUIREMENT_NAMES := from scaling.environment import supported_requirements as r; \
@@ -18,14 +19,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python  ## CPU host: torch's CPU build, then the package with dev + dicom extras, all from the lock
+setup: $(INSTALLED)  ## CPU host: torch's CPU build, then the package with dev + dicom extras, all from the lock
+
+# Installed once per change of the lock or pyproject.toml (the package itself is editable), so `make run` and
+# `make test` start at once; `make -B setup` reinstalls.
+$(INSTALLED): $(BIN)/python $(LOCK) pyproject.toml
 	$(BIN)/pip install -q -c $(LOCK) "$(TORCH)"
 	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,dicom]"
+	touch $@
 
 setup-gpu: $(BIN)/python  ## CUDA host: the default (CUDA) build of the locked torch, then the package from the lock
 	$(BIN)/pip install -q "$(firstword $(subst +, ,$(TORCH)))"
 	grep -v '^torch==' $(LOCK) > $(VENV)/gpu-constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/gpu-constraints.txt -e ".[dev,dicom]"
+	touch $(INSTALLED)  # `make run` / `make test` keep this CUDA build
 
 run: setup  ## the default job: instruction-tune the embedded model on synthetic data, evaluate, report
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -138,13 +139,12 @@ class Collator:
     @staticmethod
     def _pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) right-padded ids and the (B, L) mask of real positions."""
-        length = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), length), value, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        lengths = np.array([len(s) for s in sequences])
+        ids = np.full((len(sequences), lengths.max()), value, dtype=np.int64)
         for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            mask[row, :len(sequence)] = 1
-        return ids, mask
+            ids[row, :len(sequence)] = sequence
+        mask = np.arange(ids.shape[1]) < lengths[:, None]
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
     def _images(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) pixels, zeros where a sample has no image, and the (B,) mask of samples with one."""

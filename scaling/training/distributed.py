@@ -62,6 +62,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         keep_freed_memory()
+        keep_compiled_kernels()
         log.info("CPU: %d intra-op threads per process", torch.get_num_threads())
     return accelerator
 
@@ -87,6 +88,22 @@ def keep_freed_memory() -> None:
     mallopt(m_mmap_max, 0)
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
+
+
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = 8192
+
+
+def keep_compiled_kernels() -> None:
+    """Let oneDNN keep 8x more compiled kernels (its primitive cache; 1,024 by default).
+
+    Every matmul and convolution shape gets its own JIT-compiled kernel, and batches padded to their longest sample
+    bring new shapes at every step: the default job meets 46 (prompt, target) length pairs in its 2,000 steps, and
+    with the default cache its steps over a stream of 31 pairs took 7-13 % longer per token than over a cycle of 10
+    (1-2 % with 4,096 or 8,192 entries; peak RSS unchanged), in paired rounds. oneDNN reads the variable when it
+    first compiles a kernel, so this must run before the first matmul; a value of the user's own wins.
+    """
+    os.environ.setdefault(ONEDNN_CACHE, str(ONEDNN_CACHE_CAPACITY))
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

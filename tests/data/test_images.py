@@ -105,6 +105,20 @@ def test_train_augmentation_is_seeded_and_keeps_shape(make_image, tmp_path: Path
     first, second = (ImageTransform(24, train=True, seed=3)(ref) for _ in range(2))
     assert first.shape == (3, 24, 24) and torch.equal(first, second)
     assert not torch.equal(first, ImageTransform(24)(ref))
+    assert first.min() >= -1 and first.max() <= 1  # brightness and contrast stay within the 8-bit range
+
+
+def test_train_augmentation_is_a_mild_view_of_the_evaluated_image():
+    """Crop, rotation, brightness and contrast move an anatomy-like picture (a bright blob on a gradient) a little,
+    never beyond recognition."""
+    rows, cols = np.mgrid[0:96, 0:96]
+    blob = 60 + 150 * np.exp(-((cols - 40) ** 2 + (rows - 55) ** 2) / 300) + 40 * cols / 96
+    image = Image.fromarray(blob.clip(0, 255).astype(np.uint8))
+    seen = ImageTransform(32)(image)
+    views = torch.stack([ImageTransform(32, train=True)(image, random.Random(seed)) for seed in range(20)])
+    correlations = [torch.corrcoef(torch.stack([seen.flatten(), v.flatten()]))[0, 1].item() for v in views]
+    assert min(correlations) > 0.7, correlations
+    assert (views - seen).abs().mean() > 0.02  # and they do move it
 
 
 @pytest.mark.parametrize("train", [False, True])
