@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from scaling.data.records import ImageRef
 
@@ -193,33 +193,21 @@ class ImageTransform:
         # Grayscale (most radiology) is augmented and resized as one channel and only then copied to three: the same
         # pixels as doing it all in RGB, for a third of the work.
         image = self.decoded(image, self.max_pixels)
-        pixels = self.augment(image, rng or self.rng) if self.train else self.resized(image)
+        if self.train:
+            image = self.augment(image, rng or self.rng)
+        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
         channels = np.broadcast_to(pixels, (3, *pixels.shape)) if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         return torch.from_numpy((channels - self.mean) / self.std)
 
-    def augment(self, image: Image.Image, rng: random.Random) -> np.ndarray:
-        """A random crop of 80-100% of the area, a rotation within ±10°, brightness and contrast within ±10%: the
-        (size, size[, 3]) pixels in [0, 1]."""
+    @staticmethod
+    def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+        """A random crop of 80-100% of the area, a rotation within ±10°, brightness and contrast within ±10%."""
         width, height = image.size
         scale = rng.uniform(0.8, 1.0) ** 0.5
         crop_w, crop_h = max(1, round(width * scale)), max(1, round(height * scale))
         left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
         image = image.crop((left, top, left + crop_w, top + crop_h))
         image = image.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
-        pixels = self.resized(image)  # before the photometric changes, which then touch the fewest pixels
-        pixels = np.clip(pixels * np.float32(rng.uniform(0.9, 1.1)), 0.0, 1.0)  # brightness
-        grey = np.float32(luminance(pixels).mean())
-        return np.clip(grey + np.float32(rng.uniform(0.9, 1.1)) * (pixels - grey), 0.0, 1.0)  # contrast
-
-
-    def resized(self, image: Image.Image) -> np.ndarray:
-        """(size, size[, 3]) pixels in [0, 1], resampled bicubically (antialiased when shrinking)."""
-        return np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-
-
-def luminance(pixels: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma of (H, W, 3) pixels as PIL's "L" conversion weighs it; (H, W) pixels are luma already. The
-    weights are dyadic (n / 65536), so grey RGB gives back its own values exactly."""
-    if pixels.ndim == 2:
-        return pixels.astype(np.float64)
-    return pixels.astype(np.float64) @ (np.array([19595, 38470, 7471], dtype=np.float64) / 65536)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
+        return ImageEnhance.Contrast(image).enhance(rng.uniform(0.9, 1.1))
