@@ -105,7 +105,7 @@ def test_train_augmentation_is_seeded_and_keeps_shape(make_image, tmp_path: Path
     first, second = (ImageTransform(24, train=True, seed=3)(ref) for _ in range(2))
     assert first.shape == (3, 24, 24) and torch.equal(first, second)
     assert not torch.equal(first, ImageTransform(24)(ref))
-    assert first.min() >= -1 and first.max() <= 1  # brightness and contrast stay within the 8-bit range
+    assert first.min() >= -1 and first.max() <= 1  # augmented 8-bit pixels, normalised like the evaluated ones
 
 
 def test_train_augmentation_is_a_mild_view_of_the_evaluated_image():
