@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from scaling.config import Decoding
 from scaling.data.records import Record
 from scaling.data.tasks import Task
-from scaling.models.biomedgpt.generation import EOSAtMaxLength, ofa_beam_search_kwargs
+from scaling.models.biomedgpt.generation import EOSAtMaxLength, beam_ranking, ofa_beam_search_kwargs
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Candidates and the trie
@@ -203,9 +203,8 @@ def search_arguments(decoding: Decoding, tokenizer, prefix_length: int,
         return {**search, "logits_processor": LogitsProcessorList([limit])}
     tries = [c.trie for c in candidate_sets]
     constraint = TrieConstraint(tries, decoding.beam, prefix_length, tokenizer.pad_token_id)
-    return {"do_sample": False, "num_beams": decoding.beam, "early_stopping": True,
-            "length_penalty": decoding.length_penalty, "max_new_tokens": decoding.max_new_tokens + 1,
-            "logits_processor": LogitsProcessorList([constraint])}
+    return {"do_sample": False, "num_beams": decoding.beam, **beam_ranking(decoding.beam, decoding.length_penalty),
+            "max_new_tokens": decoding.max_new_tokens + 1, "logits_processor": LogitsProcessorList([constraint])}
 
 
 def _constrained_answer(tokens: list[int], candidates: CandidateSet, tokenizer) -> str:

@@ -171,3 +171,23 @@ def test_free_generation_stops_like_fairseq_after_the_prompt(tokenizer, model, b
             lengths.append(len(answer) - 1)
     assert all(1 <= n <= limit for n in lengths) and limit in lengths  # the random model runs into the limit
     assert len({len(p) for p in prefixes}) > 1
+
+
+@pytest.mark.parametrize("mode", ["generate", "constrained"])
+@pytest.mark.parametrize("beam", [1, 5])
+def test_search_flags_are_valid_for_the_search_they_configure(tokenizer, mode, beam):
+    """Greedy search gets no beam-only flag (transformers warns about each one once per process, so the default job's
+    greedy VQA evaluation printed a warning); beam search keeps fairseq's stopping rule and length penalty."""
+    from transformers import GenerationConfig
+
+    from scaling.evaluation.generate import search_arguments
+
+    sets = [CandidateCache(get_task("vqa"), tokenizer)(r) for r in _records(3)] if mode == "constrained" else None
+    search = search_arguments(Decoding(mode=mode, beam=beam, length_penalty=0.5), tokenizer, 4, sets)
+    flags = {k: v for k, v in search.items() if k != "logits_processor"}
+    GenerationConfig(**flags).validate(strict=True)  # raises on any flag the search ignores
+    assert ("early_stopping" in flags) == (beam > 1)
+    if beam > 1:
+        assert flags["early_stopping"] is True and flags["length_penalty"] == 0.5
+    with pytest.raises(ValueError, match="early_stopping"):  # the check catches what greedy search used to get
+        GenerationConfig(**{**flags, "num_beams": 1, "early_stopping": True}).validate(strict=True)

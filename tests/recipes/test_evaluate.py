@@ -54,7 +54,8 @@ def _evaluate(checkpoint, cache, work: Path, out: str, processes: int, *extra: s
         command = [str(BIN / "accelerate"), "launch", "--config_file",
                    str(ROOT / "accelerate_configs" / f"{launch}.yaml"), "--num_processes", str(processes),
                    "--main_process_port", "29531", script, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a crash in a rank (a rare abort at exit was seen once) leaves every thread's Python stack in stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return work / out

@@ -48,6 +48,12 @@ class EOSAtMaxLength(LogitsProcessor):
         return only_eos
 
 
+def beam_ranking(beam: int, lenpen: float) -> dict:
+    """fairseq's stopping rule and length penalty, for beam search only: greedy search ranks nothing, and transformers
+    warns about each flag a greedy call is given."""
+    return {"early_stopping": True, "length_penalty": lenpen} if beam > 1 else {}
+
+
 def ofa_beam_search_kwargs(
     beam: int,
     max_len: int,
@@ -68,8 +74,7 @@ def ofa_beam_search_kwargs(
     return dict(
         do_sample=False,
         num_beams=beam,
-        early_stopping=True,
-        length_penalty=0.0 if unnormalized else lenpen,
+        **beam_ranking(beam, 0.0 if unnormalized else lenpen),
         no_repeat_ngram_size=no_repeat_ngram_size,
         min_new_tokens=min_len,
         max_new_tokens=max_len + 1,
