@@ -31,7 +31,7 @@ from scaling.evaluation.checkpoints import CheckpointNotFound, find_model_dirs, 
 from scaling.evaluation.runner import eval_collator, evaluate_dataset, finish_report
 from scaling.logging import get_logger, setup_logging
 from scaling.training.distributed import build_accelerator, fill_deepspeed_auto, zero_stage
-from scaling.training.run import run_recipe
+from scaling.training.run import exempt_from_cycle_collection, run_recipe
 
 log = get_logger("recipes.evaluate")
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     training = [] if cfg.data.eval_sources else training_sources(cfg, accelerator)
     held_out = require_records(load_sources(evaluation_sources(cfg, training), cfg.data, cfg.eval.max_samples))
     formatter = instruction_formatter(cfg, option_records(held_out, cfg.data)) if cfg.data.instruction else None
+    exempt_from_cycle_collection()  # imported modules and records
     log.info("evaluating %s on %s", ", ".join(checkpoints),
              ", ".join(f"{split.label} ({len(split.records)})" for split in held_out))
 

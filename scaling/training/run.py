@@ -17,6 +17,7 @@ else keeps its traceback.
 from __future__ import annotations
 
 import errno
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def start_run(argv: list[str] | None, description: str) -> tuple[Config, Acceler
     """The config (YAML + overrides, validated against the launch environment before any work), logging into the
     run directory, the Accelerator, the resolved config.yaml and the seed."""
     die_with_launcher()  # a killed launcher stops its workers at the next step boundary
+    exempt_from_cycle_collection()  # the imported modules
     runtime = Runtime.from_env()
     cfg, config_path = parse_cli(argv, description, runtime)
     cfg.validate(runtime, source=config_path)
@@ -109,6 +111,14 @@ def start_run(argv: list[str] | None, description: str) -> tuple[Config, Acceler
         save_config(cfg, cfg.train.output_dir)
     set_seed(cfg.train.seed)  # identical weights on every rank, then per-rank data order
     return cfg, accelerator
+
+
+def exempt_from_cycle_collection() -> None:
+    """Move every object alive now to Python's permanent generation. Imported modules, then records, tokenizer and
+    model, live until exit, yet the cycle collector traversed all of them in every full collection and once more at
+    interpreter exit: 2.3 s of a default-job process, 1.5 s of it after the last line of output. Reference counting
+    still frees them; only the cycle search skips them."""
+    gc.freeze()
 
 
 def hold_run_directory(accelerator: Accelerator, run_dir: str) -> None:
@@ -216,6 +226,7 @@ def prepare_for_training(accelerator: Accelerator, model, cfg: Config) -> Prepar
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log_parameter_shares(accelerator, model)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    exempt_from_cycle_collection()  # records, tokenizer, model, optimizer state
     return Prepared(model, optimizer, scheduler, ema)
 
 
