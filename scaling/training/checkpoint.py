@@ -21,9 +21,11 @@ checkpoints of the abandoned trajectory are never picked again, even at higher s
 
 from __future__ import annotations
 
+import ast
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,6 +38,7 @@ from accelerate import Accelerator
 
 from scaling.evaluation.checkpoints import write_inference_settings
 from scaling.logging import get_logger
+from scaling.models.biomedgpt.modeling import BiomedGPTForConditionalGeneration
 from scaling.safe_load import check_pickles, weights_only_loads
 
 log = get_logger(__name__)
@@ -52,6 +55,22 @@ STEP_NAME = re.compile(r"step_(\d+)")
 MiB = 2**20
 NEARLY_FULL = 4 * MiB
 """Free space below which a failed write is reported as a full disk (whatever error the writer raised)."""
+
+
+class TiedWeightsNote(logging.Filter):
+    """Drops accelerate's note on each safetensors checkpoint that it left out "shared tensors" when those are the
+    model's tied embeddings: they are aliases by design, and safetensors' load_model restores them on resume. A note
+    naming any other tensor still shows."""
+
+    NOTE = re.compile(r"Removed shared tensor (\{.*?\}) while saving")
+    TIED = tuple(BiomedGPTForConditionalGeneration._tied_weights_keys)  # names end so under DDP or PEFT wrappers too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        note = self.NOTE.search(record.getMessage())
+        return note is None or not all(name.endswith(self.TIED) for name in ast.literal_eval(note.group(1)))
+
+
+logging.getLogger("accelerate.utils.other").addFilter(TiedWeightsNote())
 
 
 class CheckpointError(RuntimeError):

@@ -218,3 +218,34 @@ def test_a_run_file_is_replaced_in_one_rename_and_an_identical_copy_is_left_alon
     assert (target / "vocab.json").stat().st_mtime_ns == first.st_mtime_ns  # identical: not rewritten
     replace_atomically(target, lambda d: (d.mkdir(), (d / "vocab.json").write_text("v2")))
     assert (target / "vocab.json").read_text() == "v2" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_tied_embeddings_save_without_a_warning_and_resume_tied(tmp_path, caplog):
+    """accelerate leaves the model's tied embeddings out of the safetensors file with a "Removed shared tensor"
+    warning on every save; they are aliases by design, so the note is dropped and the resume restores them tied."""
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    accelerator = Accelerator(cpu=True)  # its own: the module's accelerator saves every model it prepared
+    model, opt = accelerator.prepare(model, opt)
+    with caplog.at_level("WARNING"):
+        save_checkpoint(accelerator, tmp_path, 1, {}, keep_last=1)
+    assert "Removed shared tensor" not in caplog.text
+    stored = (checkpoint_dir(tmp_path, 1) / "model.safetensors").read_bytes()
+    assert b"model.encoder.embed_tokens.weight" in stored and b"output_projection" not in stored  # it was left out
+
+    with torch.no_grad():
+        model.model.encoder.embed_tokens.weight.add_(1.0)
+    load_checkpoint(accelerator, checkpoint_dir(tmp_path, 1))
+    decoder = model.model.decoder
+    assert decoder.output_projection.weight is model.model.encoder.embed_tokens.weight is decoder.embed_tokens.weight
+    assert torch.equal(decoder.output_projection.weight, model.model.encoder.embed_tokens.weight)
+
+    shared = torch.zeros(2)
+    with caplog.at_level("WARNING"):  # the control: any other alias is still reported
+        clean_state_dict_for_safetensors({"a.weight": torch.ones(2), "c.weight": shared, "d.weight": shared})
+    assert "Removed shared tensor {'d.weight'}" in caplog.text
