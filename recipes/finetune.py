@@ -36,6 +36,7 @@ from scaling.training.loop import train
 from scaling.training.run import (
     build_tokenizer_and_model,
     evaluate_after_training,
+    exempt_from_cycle_collection,
     finish_training,
     prepare_for_training,
     resume,
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     held_out = []
     if cfg.eval.after_training:
         held_out = require_records(load_sources(evaluation_sources(cfg, sources), cfg.data, cfg.eval.max_samples))
+    exempt_from_cycle_collection()  # the records live as long as the run
 
     # 3. tokenizer, model (+ PEFT), and this rank's batch stream (instruction prompts with data.instruction)
     tokenizer, model = build_tokenizer_and_model(cfg, accelerator, train_data)
