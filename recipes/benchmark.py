@@ -47,7 +47,7 @@ from scaling.config import Config, load_config
 from scaling.environment import require_supported_versions
 from scaling.logging import get_logger
 from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from scaling.training.distributed import build_accelerator
+from scaling.training.distributed import build_accelerator, unwrapped
 from scaling.training.memory import peak_memory, reset_peak_memory
 from scaling.training.run import prepare_for_training
 from scaling.training.throughput import (
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(loader_throughput(shape, args.workers, args.loader_batches, results["samples_per_s"]))
 
     # 5. generation: KV cache on/off, batched vs one by one; beam search and constrained decoding
-    generating = accelerator.unwrap_model(model)
+    generating = unwrapped(accelerator, model)
     if "generation" not in args.skip:
         log.info("timing generation")
         results.update(generation_throughput(generating, batches[0], args.precision, args.gen_batch, args.new_tokens,

@@ -56,7 +56,7 @@ from scaling.sweep import (
 )
 from scaling.training.batches import BatchStream
 from scaling.training.checkpoint import export_from_run
-from scaling.training.distributed import build_accelerator
+from scaling.training.distributed import build_accelerator, unwrapped
 from scaling.training.loop import train
 from scaling.training.memory import peak_memory, reset_peak_memory
 from scaling.training.run import build_model, build_tokenizer, prepare_for_training, run_recipe
@@ -171,7 +171,7 @@ def run_row(cfg: Config) -> int:
     prepared, counts = fit(run_cfg, accelerator, tokenizer, data.vqa_train, formatter)
     memory = max_over_ranks(accelerator, peak_memory(accelerator.device))  # model build + training
     export_from_run(accelerator, prepared.model, tokenizer, run_dir / "model", merge=False)
-    collator = eval_collator(tokenizer, run_cfg, accelerator.unwrap_model(prepared.model).config, formatter)
+    collator = eval_collator(tokenizer, run_cfg, unwrapped(accelerator, prepared.model).config, formatter)
     scores = evaluate_model(prepared.model, tokenizer, data.vqa_test, run_cfg, accelerator, run_dir / "eval", collator,
                             name=row.label)
     if accelerator.is_main_process:

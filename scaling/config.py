@@ -226,8 +226,8 @@ class TrainArgs:
     max_nonfinite_steps: int = 5
     """A non-finite loss skips the step; this many in a row stop the run."""
     compile: bool = False
-    """Wrap the model with torch.compile (inductor). Off by default: on a 2-core CPU at base 384 px compiling took 8.5
-    minutes and the compiled step ran at 0.65x eager's speed; every new padded batch length compiles again."""
+    """Wrap the model with torch.compile (inductor). Off by default: on a 2-core CPU at base 384 px the first step
+    took 4.4 minutes and the compiled step ran at 0.65x eager's speed; a second batch length compiles once more."""
     cpu_threads: int = 0
     """Intra-op threads per process on CPU hosts; 0 = the cores this process may use, shared among the processes
     on this machine. (A bare `accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle.)"""

@@ -39,6 +39,7 @@ from scaling.evaluation.report import (
     write_report,
 )
 from scaling.logging import get_logger
+from scaling.training.distributed import unwrapped
 
 log = get_logger(__name__)
 
@@ -92,7 +93,7 @@ def predict_records(model, tokenizer, records: Sequence[Record], task: Task, dec
                     progress: bool = True) -> list[str]:
     """Predictions for `records` in their order, computed on every rank's shard and gathered without repeats."""
     loader = accelerator.prepare_data_loader(_index_loader(records, collator, batch_size))
-    generator = accelerator.unwrap_model(model)
+    generator = unwrapped(accelerator, model)
     synced = accelerator.num_processes > 1  # ranks stop generating at different lengths; ZeRO-3 needs lockstep
     candidates, sync_count = CandidateCache(task, tokenizer), _count_synchronizer(accelerator)
     positions, predictions = [], []
@@ -252,7 +253,7 @@ def evaluate_model(model, tokenizer, datasets: Sequence[SourceSplit], cfg: Confi
     returned metrics are complete on the main process ({} elsewhere).
     """
     start = time.perf_counter()
-    checkpoint = model_info(accelerator.unwrap_model(model), name or cfg.model.checkpoint or cfg.model.preset,
+    checkpoint = model_info(unwrapped(accelerator, model), name or cfg.model.checkpoint or cfg.model.preset,
                             cfg.model.checkpoint)
     evaluations = [evaluate_dataset(model, tokenizer, split, cfg, accelerator, collator, checkpoint, out_dir)
                    for split in datasets]

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from scaling.evaluation.checkpoints import write_inference_settings
 from scaling.logging import get_logger
 from scaling.models.biomedgpt.modeling import BiomedGPTForConditionalGeneration
 from scaling.safe_load import check_pickles, weights_only_loads
+from scaling.training.distributed import unwrapped
 
 log = get_logger(__name__)
 
@@ -444,23 +446,25 @@ def export_from_run(accelerator: Accelerator, model, tokenizer, out_dir: str | o
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(TMP_PREFIX + out_dir.name)
-    unwrapped = accelerator.unwrap_model(model)
+    plain = unwrapped(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    peft = _is_peft(unwrapped)
+    peft = _is_peft(plain)
     if peft:
         from scaling.adapters import save_adapter
 
-        save_adapter(unwrapped, tmp / "adapter", accelerator.is_main_process)  # every rank: gathers under ZeRO-3
-    sharded = any(getattr(p, "ds_numel", p.numel()) != p.numel() for p in unwrapped.parameters())
+        save_adapter(plain, tmp / "adapter", accelerator.is_main_process)  # every rank: gathers under ZeRO-3
+    sharded = any(getattr(p, "ds_numel", p.numel()) != p.numel() for p in plain.parameters())
     merge = peft and merge and not sharded
     state_dict = accelerator.get_state_dict(model) if not peft else None  # ZeRO-3: gathered onto rank 0
+    if state_dict is not None:  # accelerate names a compiled model's weights `_orig_mod.<name>`
+        consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")
     if accelerator.is_main_process:
         if merge:
-            _save_merged(unwrapped, tmp)
+            _save_merged(plain, tmp)
         elif not peft:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            plain.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _finish_export(tokenizer, tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
+    DynamoBackend,
     InitProcessGroupKwargs,
     ProjectConfiguration,
 )
@@ -64,6 +65,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
         keep_freed_memory()
         keep_compiled_kernels()
         log.info("CPU: %d intra-op threads per process", torch.get_num_threads())
+    backend = accelerator.state.dynamo_plugin.backend
+    if backend != DynamoBackend.NO:  # train.compile or the launcher's --dynamo_backend
+        log.info("torch.compile (%s): the first step compiles the model, and the first batch of another length "
+                 "compiles it once more for every length (minutes each on a CPU)", backend.value.lower())
     return accelerator
 
 
@@ -161,6 +166,12 @@ def trackers(cfg: Config) -> list:
     return out
 
 
+def unwrapped(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, out of its DDP or DeepSpeed wrapper and out of torch.compile's, whose parameter names
+    would gain an `_orig_mod.` prefix (accelerate keeps that wrapper unless told otherwise)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
@@ -225,7 +236,7 @@ def cast_for_deepspeed(accelerator: Accelerator, model: torch.nn.Module) -> torc
 def log_parameter_shares(accelerator: Accelerator, model) -> tuple[int, int]:
     """Log (every rank) how many parameter elements this rank holds: under ZeRO-3 about 1/N of them."""
     local = total = 0
-    for param in accelerator.unwrap_model(model).parameters():
+    for param in unwrapped(accelerator, model).parameters():
         total += getattr(param, "ds_numel", param.numel())
         local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
     log.info("rank %d holds %d of %d parameter elements (%.1f%%, ZeRO stage %d)", accelerator.process_index, local,

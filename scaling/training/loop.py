@@ -17,7 +17,7 @@ from scaling.config import Config
 from scaling.logging import get_logger
 from scaling.training.batches import BatchStream
 from scaling.training.checkpoint import save_checkpoint, trainer_state
-from scaling.training.distributed import uses_deepspeed
+from scaling.training.distributed import unwrapped, uses_deepspeed
 from scaling.training.tracking import TrainingProgress
 
 log = get_logger(__name__)
@@ -101,7 +101,7 @@ def train(cfg: Config, accelerator, prepared, stream: BatchStream, start_step: i
             optimizer.zero_grad(set_to_none=True)
             step, attempts_at_step, nonfinite_in_a_row = step + 1, 0, 0
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+                ema.update(unwrapped(accelerator, model))
 
             # --- bookkeeping: mean loss over ranks (sync point), step log, progress ---
             loss_mean = accelerator.reduce(loss_sum / args.gradient_accumulation_steps, reduction="mean").item()

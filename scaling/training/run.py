@@ -56,6 +56,7 @@ from scaling.training.distributed import (
     die_with_launcher,
     fill_deepspeed_auto,
     log_parameter_shares,
+    unwrapped,
     uses_deepspeed_cpu_adam,
 )
 from scaling.training.ema import EMA
@@ -226,7 +227,7 @@ def prepare_for_training(accelerator: Accelerator, model, cfg: Config) -> Prepar
     model = cast_for_deepspeed(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log_parameter_shares(accelerator, model)
-    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ema = EMA(unwrapped(accelerator, model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     return Prepared(model, optimizer, scheduler, ema)
 
 
@@ -324,7 +325,7 @@ def finish_training(cfg: Config, accelerator, prepared: Prepared, tokenizer, str
         prepared.checkpoint = save_checkpoint(accelerator, run_dir, step, trainer_state(cfg, stream),
                                               cfg.train.keep_last, prepared.ema, parent=prepared.checkpoint)
     if prepared.ema is not None:
-        prepared.ema.copy_to(accelerator.unwrap_model(prepared.model))
+        prepared.ema.copy_to(unwrapped(accelerator, prepared.model))
     export = export_from_run(accelerator, prepared.model, tokenizer, run_dir / "export")
     if accelerator.is_main_process:
         plot_loss(run_dir)
@@ -336,7 +337,7 @@ def evaluate_after_training(cfg: Config, accelerator, model, tokenizer, held_out
     """The evaluation library on the held-out datasets, with the training prompts; report in <output_dir>/eval."""
     from scaling.evaluation.runner import eval_collator, evaluate_model
 
-    collator = eval_collator(tokenizer, cfg, accelerator.unwrap_model(model).config, formatter)
+    collator = eval_collator(tokenizer, cfg, unwrapped(accelerator, model).config, formatter)
     model.eval()
     return evaluate_model(model, tokenizer, held_out, cfg, accelerator,
                           Path(cfg.train.output_dir) / "eval", collator=collator, name=Path(cfg.train.output_dir).name)

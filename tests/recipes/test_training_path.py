@@ -1,5 +1,6 @@
-"""The one training path as users run it: the end-of-training evaluation a config promises, and user mistakes that
-stop every recipe with one message and exit code 2 before any work."""
+"""The one training path as users run it: the end-of-training evaluation a config promises, `train.compile=true`
+(heavy: inductor takes minutes), and user mistakes that stop every recipe with one message and exit code 2 before any
+work."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from recipe_runs import ROOT, recipe_args, run
+from recipe_runs import ROOT, logged_steps, losses, max_abs_diff, recipe_args, run, says, weights
 
 pytestmark = pytest.mark.slow
 VQA_RAD = ROOT.parent / "shared" / "data" / "vqa_rad"
@@ -26,6 +27,23 @@ def test_finetune_evaluates_the_named_eval_sources_after_training(tmp_path):
     assert {"accuracy", "closed_accuracy", "open_accuracy"} <= set(evaluation["metrics"]["scores"])
     assert (tmp_path / "eval" / "report.html").is_file()
     assert "vqa_rad/test/accuracy" in done.stdout + done.stderr
+
+
+@pytest.mark.heavy  # inductor compiles the test model for about 5 minutes on a 2-core CPU
+def test_train_compile_trains_the_eager_runs_model_and_exports_plain_weights(tmp_path):
+    run(PYTHON + recipe_args(tmp_path / "eager", tmp_path / "cache"))
+    kernels = tmp_path / "inductor"  # where inductor writes the kernels it generates: proof that it compiled
+    done = run(PYTHON + recipe_args(tmp_path / "compiled", tmp_path / "cache", "train.compile=true"),
+               env={"TORCHINDUCTOR_CACHE_DIR": str(kernels)}, timeout=1800)
+    assert says(done.stdout + done.stderr, "torch.compile (inductor): the first step compiles the model")
+    assert any(kernels.rglob("*.py")), "inductor generated no kernels"
+    assert logged_steps(tmp_path / "compiled") == list(range(1, 9))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    from scaling.models.biomedgpt import BiomedGPTForConditionalGeneration
+
+    exported = BiomedGPTForConditionalGeneration.from_pretrained(tmp_path / "compiled" / "export").state_dict()
+    trained = weights(tmp_path / "compiled", 8)  # the compiled wrapper's `_orig_mod.` must not reach either
+    assert max_abs_diff({k: exported[k] for k in trained}, trained) == 0.0
 
 
 MISTAKES = {

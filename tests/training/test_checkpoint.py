@@ -249,3 +249,23 @@ def test_the_tied_embeddings_save_without_a_warning_and_resume_tied(tmp_path, ca
     with caplog.at_level("WARNING"):  # the control: any other alias is still reported
         clean_state_dict_for_safetensors({"a.weight": torch.ones(2), "c.weight": shared, "d.weight": shared})
     assert "Removed shared tensor {'d.weight'}" in caplog.text
+
+
+def test_a_compiled_model_exports_under_its_own_names(tmp_path):
+    """Under train.compile accelerate hands back torch.compile's wrapper, whose state dict says `_orig_mod.<name>`:
+    the export must not (a model loaded from it would come up with fresh weights)."""
+    from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from scaling.models.biomedgpt.tokenization import train_bpe_tokenizer
+    from scaling.training.checkpoint import export_from_run
+
+    torch.manual_seed(0)
+    plain = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=300))
+    model = torch.compile(plain, backend="eager")  # prepare()'s wrapper under train.compile; nothing runs the model
+    assert any(name.startswith("_orig_mod.") for name in Accelerator(cpu=True).get_state_dict(model))
+    tokenizer = train_bpe_tokenizer(["is there a lesion? yes no"] * 20, vocab_size=300, num_codes=0, num_bins=0)
+
+    export_from_run(Accelerator(cpu=True), model, tokenizer, tmp_path / "export")
+
+    exported = BiomedGPTForConditionalGeneration.from_pretrained(tmp_path / "export").state_dict()
+    assert not [name for name, tensor in exported.items() if tensor.is_meta], "weights missing from the export"
+    assert all(torch.equal(exported[name], tensor) for name, tensor in plain.state_dict().items())

@@ -223,6 +223,7 @@ def take_bias_rows(bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return bias.gather(2, rows[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[-1]))
 
 
+@torch.compiler.disable  # K is read from the data: under torch.compile the graph breaks here on purpose
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor | None:
     """(B, K) positions of each row's labelled tokens in order, padded with unlabelled ones (K = the most labels of
     any row); None when every position or none is labelled, or on the meta device, where the count cannot be read."""
