@@ -251,7 +251,7 @@ def test_the_tied_embeddings_save_without_a_warning_and_resume_tied(tmp_path, ca
     assert "Removed shared tensor {'d.weight'}" in caplog.text
 
 
-def test_a_compiled_model_exports_under_its_own_names(tmp_path):
+def test_a_compiled_model_exports_under_its_own_names(tmp_path, accelerator):
     """Under train.compile accelerate hands back torch.compile's wrapper, whose state dict says `_orig_mod.<name>`:
     the export must not (a model loaded from it would come up with fresh weights)."""
     from scaling.models.biomedgpt import BiomedGPTConfig, BiomedGPTForConditionalGeneration
@@ -261,10 +261,10 @@ def test_a_compiled_model_exports_under_its_own_names(tmp_path):
     torch.manual_seed(0)
     plain = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_preset("test", vocab_size=300))
     model = torch.compile(plain, backend="eager")  # prepare()'s wrapper under train.compile; nothing runs the model
-    assert any(name.startswith("_orig_mod.") for name in Accelerator(cpu=True).get_state_dict(model))
+    assert any(name.startswith("_orig_mod.") for name in accelerator.get_state_dict(model))
     tokenizer = train_bpe_tokenizer(["is there a lesion? yes no"] * 20, vocab_size=300, num_codes=0, num_bins=0)
 
-    export_from_run(Accelerator(cpu=True), model, tokenizer, tmp_path / "export")
+    export_from_run(accelerator, model, tokenizer, tmp_path / "export")
 
     exported = BiomedGPTForConditionalGeneration.from_pretrained(tmp_path / "export").state_dict()
     assert not [name for name, tensor in exported.items() if tensor.is_meta], "weights missing from the export"
